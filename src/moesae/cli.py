@@ -1,0 +1,53 @@
+"""``moesae <stage> [options]``: one sub-command per pipeline stage (the commands in dvc.yaml).
+
+Each stage is one module with a ``main(argv)``; this file only maps names to modules, so the
+heavy imports (torch, transformers) happen only for the stage that runs.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = {
+    "corpus": ("moesae.corpus", "prepare the training / held-out / cross-domain text"),
+    "subject-model": ("moesae.subject_model", "train (default) or fetch (paper) the subject model"),
+    "activations": ("moesae.activations", "cache the subject model's activations at the hook"),
+    "profile": ("moesae.grid", "write params.yaml from profiles/NAME.yaml (default, paper)"),
+    "train": ("moesae.grid", "train one grid variant (or several in one pass)"),
+    "evaluate": ("moesae.evaluate", "evaluate one trained SAE on held-out data"),
+    "collect": ("moesae.evaluate", "collect every evaluation into results/metrics.csv"),
+    "autointerp": ("moesae.autointerp", "explain-and-score features (Fig 3d)"),
+    "synthetic": ("moesae.synthetic", "ground-truth feature-recovery benchmark"),
+    "report": ("moesae.report", "build reports/index.html"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: moesae <stage> [options]", "", "stages:"]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(usage())
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"moesae: unknown stage '{stage}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[stage][0])
+    entry = getattr(module, f"main_{stage.replace('-', '_')}", None) or module.main
+    try:
+        return int(entry(rest) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Our own errors carry the explanation; a traceback from deep inside torch helps nobody.
+        if getattr(exc, "__module__", "").startswith("torch"):
+            raise
+        print(f"moesae {stage}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,9 @@
+"""The SAE model zoo: one file per architecture, all behind ``build_sae`` / ``load_sae``."""
+from . import scale, switch, topk  # noqa: F401  (registers the architectures)
+from .base import SAE, SAEConfig, SAEOutput
+from .registry import PRESETS, REGISTRY, available_architectures, build_sae, load_sae, register
+
+__all__ = [
+    "SAE", "SAEConfig", "SAEOutput", "PRESETS", "REGISTRY",
+    "available_architectures", "build_sae", "load_sae", "register",
+]

@@ -1,0 +1,233 @@
+"""The interface every SAE implements, and what all of them share (SPEC §2).
+
+Every architecture is one file in this package: a config dataclass (validated in
+``__post_init__``, errors name the field) and an ``SAE`` subclass registered with
+:func:`moesae.saes.registry.register`. The shared contract:
+
+- ``encode(x) -> z``: dense ``[batch, M]`` codes, zeros off the support, with any gate weight
+  folded in, so that ``decode(z) == z @ W_dec + b_dec`` exactly reconstructs ``forward(x).x_hat``.
+- ``decode(z)``: ``z @ W_dec + b_dec``.
+- ``forward(x) -> SAEOutput``: the reconstruction, the code in sparse form when the architecture
+  has one (values and feature indices, ``[batch, k]``), and the weighted loss terms.
+- ``flops_per_token()``: forward multiply-accumulates per token (SPEC §5).
+- ``save(path)`` / :func:`moesae.saes.registry.load_sae`: ``cfg.json`` + ``sae_weights.safetensors``.
+
+Parameters shared by all: ``W_dec [M, d]`` (one unit-norm row per feature) and ``b_dec [d]``
+(the pre-bias, subtracted before encoding and added after decoding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def _check(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid SAE config field '{field_name}': {message}")
+
+
+@dataclass
+class SAEConfig:
+    """Fields every architecture has."""
+
+    d_in: int
+    """Width d of the activations the SAE reads (768 for GPT-2 small)."""
+    num_latents: int
+    """Dictionary size M (total number of features)."""
+    k: int = 32
+    """Number of latents kept per token (the target L0) for TopK-style codes."""
+    dead_tokens_threshold: int = 10_000_000
+    """A latent that has not fired for this many training tokens counts as dead."""
+    seed: int = 0
+    """Seed for the parameter initialisation."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.d_in, int) and self.d_in > 0, "d_in", f"must be a positive integer, got {self.d_in!r}")
+        _check(
+            isinstance(self.num_latents, int) and self.num_latents > 0,
+            "num_latents",
+            f"must be a positive integer, got {self.num_latents!r}",
+        )
+        _check(isinstance(self.k, int) and self.k > 0, "k", f"must be a positive integer, got {self.k!r}")
+        _check(
+            self.k <= self.num_latents,
+            "k",
+            f"k={self.k} exceeds num_latents={self.num_latents}; choose k <= num_latents",
+        )
+        _check(self.dead_tokens_threshold > 0, "dead_tokens_threshold", "must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SAEOutput:
+    """What ``forward`` returns."""
+
+    x_hat: Tensor
+    """Reconstruction, ``[batch, d]``."""
+    losses: dict[str, Tensor]
+    """Weighted loss terms; the training loss is their sum. Always has ``mse``."""
+    top_values: Tensor | None = None
+    """Sparse code: kept values ``[batch, k]`` (gates folded in), or None for dense-code SAEs."""
+    top_indices: Tensor | None = None
+    """Sparse code: feature ids ``[batch, k]`` matching ``top_values``."""
+    latents: Tensor | None = None
+    """Dense code ``[batch, M]`` for architectures without a fixed-k sparse form."""
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    """Architecture-specific tensors for metrics (router probabilities, selected experts...)."""
+
+    @property
+    def loss(self) -> Tensor:
+        return sum(self.losses.values())  # type: ignore[return-value]
+
+    def dense_code(self, num_latents: int) -> Tensor:
+        if self.latents is not None:
+            return self.latents
+        assert self.top_values is not None and self.top_indices is not None
+        z = self.top_values.new_zeros(self.top_values.shape[0], num_latents)
+        return z.scatter(1, self.top_indices, self.top_values)
+
+    def active_mask(self, num_latents: int) -> Tensor:
+        """Boolean ``[batch, M]``: which latents are non-zero for each token."""
+        return self.dense_code(num_latents) != 0
+
+
+def reconstruction_mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Σ over dims of the squared error, averaged over the batch (the paper's MSE)."""
+    return (x - x_hat).pow(2).sum(-1).mean()
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """``Σ_j values[:, j] · W_dec[indices[:, j]] + b_dec`` without materialising ``[batch, M]``.
+
+    ``embedding_bag`` gathers only the k decoder rows per token and its backward touches only
+    those rows, so decoding costs k·d per token instead of M·d.
+    """
+    out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    return out + b_dec
+
+
+def geometric_median(points: Tensor, iterations: int = 100, eps: float = 1e-6) -> Tensor:
+    """Weiszfeld iterations for the point minimising the summed Euclidean distance."""
+    points = points.detach().float()
+    median = points.mean(0)
+    for _ in range(iterations):
+        dist = torch.linalg.vector_norm(points - median, dim=1).clamp_min(eps)
+        weights = 1.0 / dist
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if torch.linalg.vector_norm(new - median) < eps * (1 + torch.linalg.vector_norm(median)):
+            median = new
+            break
+        median = new
+    return median
+
+
+class SAE(nn.Module):
+    """Base class: pre-bias, unit-norm decoder rows, tied init, dead-latent tracking, save."""
+
+    architecture: ClassVar[str] = "base"
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, M = cfg.d_in, cfg.num_latents
+        generator = torch.Generator().manual_seed(cfg.seed)
+        # Tied init: random unit-norm decoder rows, encoder = decoder (subclasses reshape W_enc).
+        W = torch.randn(M, d, generator=generator)
+        W = W / W.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W.clone())
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self._initial_encoder = W.clone()
+        self.register_buffer("tokens_since_fired", torch.zeros(M, dtype=torch.long))
+
+    # ---- the interface -------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        return self.forward(x).dense_code(self.cfg.num_latents)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> SAEOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def flops_per_token(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- what the trainer calls ----------------------------------------------------------
+    @torch.no_grad()
+    def init_from_batch(self, x: Tensor) -> None:
+        """Data-dependent initialisation from the first batch: b_dec = geometric median."""
+        self.b_dec.copy_(geometric_median(x).to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Renormalise every decoder row (one per feature) to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the gradient component parallel to each decoder row (keeps norms at 1)."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def update_dead_statistics(self, out: SAEOutput, batch_size: int) -> None:
+        fired = out.active_mask(self.cfg.num_latents).any(0)
+        self.tokens_since_fired += batch_size
+        self.tokens_since_fired[fired] = 0
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_tokens_threshold
+
+    def frozen_parameter_names(self) -> set[str]:
+        """Parameters the optimiser must leave alone (e.g. ω and T with Feature Scaling off)."""
+        return set()
+
+    # ---- checkpoint format ---------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, **self.cfg.to_dict()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``cfg.json`` and ``sae_weights.safetensors`` into the folder ``path``.
+
+        Written to temporary names and renamed, so an interrupted save never leaves a
+        half-written checkpoint behind.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        tmp_weights = path / (WEIGHTS_FILE + ".tmp")
+        tmp_cfg = path / (CONFIG_FILE + ".tmp")
+        save_file(tensors, str(tmp_weights))
+        tmp_cfg.write_text(json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n")
+        tmp_weights.replace(path / WEIGHTS_FILE)
+        tmp_cfg.replace(path / CONFIG_FILE)
+        return path
+
+    def load_weights(self, path: str | Path) -> None:
+        state = load_file(str(Path(path) / WEIGHTS_FILE))
+        self.load_state_dict(state)
+
+
+def lr_for_width(num_latents: int) -> float:
+    """The recipe's learning rate: 2e-4 / sqrt(M / 2^14) (SPEC §3)."""
+    return 2e-4 / math.sqrt(num_latents / 2**14)

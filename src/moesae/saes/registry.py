@@ -1,0 +1,90 @@
+"""Architecture registry: names → SAE classes, plus named presets.
+
+Adding an architecture: write ``saes/<name>.py`` with a config dataclass and an ``SAE``
+subclass decorated with ``@register("<name>")``, and import it in ``saes/__init__.py``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .base import CONFIG_FILE, WEIGHTS_FILE, SAE
+
+REGISTRY: dict[str, type[SAE]] = {}
+
+# Named presets: a name that builds a registered architecture with some fields fixed.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # The Scale SAE authors' "Switch" baseline: one expert per token, gate weight exactly 1
+    # (softmax over the single selected probability), no Feature Scaling. Unlike the original
+    # Switch SAE, the output is not scaled by the router probability.
+    "authors_switch": ("scale", {"active_experts": 1, "feature_scaling": "none", "gate": "prob_softmax"}),
+}
+
+
+def register(name: str, *aliases: str):
+    def wrap(cls: type[SAE]) -> type[SAE]:
+        cls.architecture = name
+        for key in (name, *aliases):
+            if key in REGISTRY and REGISTRY[key] is not cls:
+                raise ValueError(f"architecture name '{key}' registered twice")
+            REGISTRY[key] = cls
+        return cls
+
+    return wrap
+
+
+def available_architectures() -> list[str]:
+    return sorted(set(REGISTRY) | set(PRESETS))
+
+
+def build_sae(architecture: str, **config: Any) -> SAE:
+    """Build an SAE by architecture (or preset) name; ``config`` are its config fields.
+
+    Raises ``ValueError`` naming the field for unknown architectures, unknown fields and bad values,
+    before any tensor is allocated.
+    """
+    if architecture in PRESETS:
+        base, fixed = PRESETS[architecture]
+        clash = {k for k in fixed if k in config and config[k] != fixed[k]}
+        if clash:
+            raise ValueError(
+                f"invalid SAE config field '{sorted(clash)[0]}': preset '{architecture}' fixes it to "
+                f"{fixed[sorted(clash)[0]]!r}"
+            )
+        return build_sae(base, **{**config, **fixed})
+    if architecture not in REGISTRY:
+        raise ValueError(
+            f"invalid SAE config field 'architecture': unknown architecture '{architecture}'; "
+            f"choose one of {available_architectures()}"
+        )
+    cls = REGISTRY[architecture]
+    fields = {f.name for f in __import__("dataclasses").fields(cls.config_class)}
+    unknown = sorted(set(config) - fields)
+    if unknown:
+        raise ValueError(
+            f"invalid SAE config field '{unknown[0]}': not a field of architecture '{architecture}' "
+            f"(its fields: {sorted(fields)})"
+        )
+    cfg = cls.config_class(**config)
+    return cls(cfg)
+
+
+def load_sae(path: str | Path) -> SAE:
+    """Load an SAE saved with ``save(path)`` (``cfg.json`` + ``sae_weights.safetensors``)."""
+    path = Path(path)
+    cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"no SAE checkpoint at {path}: {p.name} is missing (train it first)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"corrupt SAE config {cfg_path}: {exc}; delete the folder and retrain") from exc
+    architecture = cfg.pop("architecture")
+    sae = build_sae(architecture, **cfg)
+    try:
+        sae.load_weights(path)
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"corrupt SAE weights {weights_path}: {exc}; delete the folder and retrain") from exc
+    return sae
