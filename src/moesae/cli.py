@@ -18,6 +18,7 @@ STAGES = {
     "collect": ("moesae.evaluate", "collect every evaluation into results/metrics.csv"),
     "autointerp": ("moesae.autointerp", "explain-and-score features (Fig 3d)"),
     "synthetic": ("moesae.synthetic", "ground-truth feature-recovery benchmark"),
+    "figure": ("moesae.notebooks", "execute one figure notebook (papermill) and export its HTML"),
     "report": ("moesae.report", "build reports/index.html"),
 }
 

@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    train_variants(args.variant, args.params, progress=not args.no_progress)
+    from .timing import record
+
+    with record("train@" + "+".join(args.variant)):
+        train_variants(args.variant, args.params, progress=not args.no_progress)
     return 0
 
 

@@ -1,0 +1,260 @@
+"""Evaluation metrics (SPEC §5) as pure functions of tensors.
+
+Every function here takes tensors (or plain numbers) and returns numbers or tensors; nothing reads
+files, models or global state, so each one is tested against hand-computed values
+(``tests/test_metrics.py``). The evaluation stage (``moesae.evaluate``) streams data through the
+SAE and calls these.
+
+Two known pitfalls are handled on purpose:
+- the fraction of variance unexplained divides by the variance *centred on the mean*
+  (Σ‖x − x̄‖², not Σ‖x‖², a bug elsewhere);
+- activation overlap averages over unordered pairs i < j, each counted once, never i = j.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+# ---- reconstruction ---------------------------------------------------------------------------
+
+
+def mse(x: Tensor, x_hat: Tensor) -> float:
+    """The paper's MSE: Σ over dims of (x − x̂)², averaged over tokens (not normalised)."""
+    _same_shape(x, x_hat)
+    return float((x.double() - x_hat.double()).pow(2).sum(-1).mean())
+
+
+def fvu_from_sums(sum_squared_error: float, sum_x: Tensor, sum_squared_norm: float, num_tokens: int) -> float:
+    """Fraction of variance unexplained from running sums, so it can be accumulated over batches.
+
+    Σ‖x − x̄‖² = Σ‖x‖² − n‖x̄‖² with x̄ = Σx / n (centred on the mean). Returns NaN when the
+    data has no variance (FVU undefined).
+    """
+    if num_tokens <= 0:
+        return math.nan
+    mean = sum_x.double() / num_tokens
+    total_variance = float(sum_squared_norm) - num_tokens * float(mean.pow(2).sum())
+    if total_variance <= 0:
+        return math.nan
+    return float(sum_squared_error) / total_variance
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """Normalised MSE = Σ‖x − x̂‖² / Σ‖x − x̄‖² (variance centred on the mean)."""
+    _same_shape(x, x_hat)
+    x64 = x.double()
+    sse = float((x64 - x_hat.double()).pow(2).sum())
+    return fvu_from_sums(sse, x64.sum(0), float(x64.pow(2).sum()), x.shape[0])
+
+
+def l0(code: Tensor) -> float:
+    """Mean number of non-zero latents per token actually used in decoding.
+
+    ``code`` is either the dense code ``[tokens, M]`` or the kept values ``[tokens, k]`` of a
+    sparse code: zeros (e.g. a TopK slot whose ReLU output was 0) are not counted in either.
+    """
+    if code.dim() != 2:
+        raise ValueError(f"l0 expects a [tokens, latents] code, got shape {tuple(code.shape)}")
+    return float((code != 0).sum(1).double().mean())
+
+
+def feature_fire_counts(indices: Tensor, values: Tensor, num_latents: int) -> Tensor:
+    """``[M]`` int64: on how many tokens each feature was non-zero (sparse code ``values/indices``)."""
+    _same_shape(indices, values)
+    active = values != 0
+    return torch.bincount(indices[active].reshape(-1).long(), minlength=num_latents)
+
+
+def dead_fraction(fire_counts: Tensor) -> float:
+    """Share of latents that never fired (count 0) over the evaluated tokens."""
+    if fire_counts.numel() == 0:
+        return math.nan
+    return float((fire_counts == 0).double().mean())
+
+
+def loss_recovered(ce_clean: float, ce_recon: float, ce_ablate: float) -> float:
+    """(CE_ablate − CE_recon) / (CE_ablate − CE_clean): 1 = as good as the clean model, 0 = as bad
+    as the ablation. Equal to SPEC's (CE_recon − CE_zero) / (CE_orig − CE_zero). NaN when the
+    ablation does not change the loss (nothing to recover)."""
+    denominator = float(ce_ablate) - float(ce_clean)
+    if denominator == 0 or not math.isfinite(denominator):
+        return math.nan
+    return (float(ce_ablate) - float(ce_recon)) / denominator
+
+
+def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; NaN std for fewer than two values)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return math.nan, math.nan
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, math.nan
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    return mean, math.sqrt(var)
+
+
+# ---- decoder redundancy -----------------------------------------------------------------------
+
+
+def max_cosine_to_others(W: Tensor, chunk_size: int = 1024) -> Tensor:
+    """``[M]``: for each row of ``W [M, d]``, the largest cosine similarity to any *other* row.
+
+    Computed ``chunk_size`` rows at a time (a ``chunk × M`` block in memory), so M = 24576 fits
+    easily. A matrix with a single row has no other row: its value is NaN.
+    """
+    if W.dim() != 2:
+        raise ValueError(f"max_cosine_to_others expects a [rows, dims] matrix, got shape {tuple(W.shape)}")
+    M = W.shape[0]
+    if M < 2:
+        return torch.full((M,), math.nan)
+    Wn = W.detach().float()
+    Wn = Wn / Wn.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    out = torch.empty(M)
+    for start in range(0, M, chunk_size):
+        stop = min(start + chunk_size, M)
+        sims = Wn[start:stop] @ Wn.T  # [chunk, M]
+        rows = torch.arange(stop - start)
+        sims[rows, rows + start] = -math.inf  # exclude each row's similarity to itself
+        out[start:stop] = sims.max(1).values.cpu()
+    return out
+
+
+def redundancy(max_cosines: Tensor, threshold: float) -> float:
+    """Share of features whose maximum cosine to another feature exceeds ``threshold``."""
+    if max_cosines.numel() == 0:
+        return math.nan
+    return float((max_cosines > threshold).double().mean())
+
+
+def decoder_redundancy(W_dec: Tensor, thresholds: Sequence[float], chunk_size: int = 1024) -> dict[str, float]:
+    """``redundancy_<τ>`` for each τ plus ``mean_max_cos`` over all M decoder rows."""
+    max_cos = max_cosine_to_others(W_dec, chunk_size)
+    result = {f"redundancy_{t:g}": redundancy(max_cos, t) for t in thresholds}
+    result["mean_max_cos"] = float(max_cos.double().mean())
+    return result
+
+
+def in_expert_redundancy(W_dec: Tensor, expert_of_feature: Tensor, threshold: float) -> float:
+    """Redundancy computed inside each expert (max cosine only to rows of the same expert),
+    averaged over experts."""
+    if expert_of_feature.shape[0] != W_dec.shape[0]:
+        raise ValueError(
+            f"expert_of_feature has {expert_of_feature.shape[0]} entries but W_dec has {W_dec.shape[0]} rows"
+        )
+    values = []
+    for expert in torch.unique(expert_of_feature).tolist():
+        rows = W_dec[expert_of_feature == expert]
+        if rows.shape[0] >= 2:
+            values.append(redundancy(max_cosine_to_others(rows), threshold))
+    return sum(values) / len(values) if values else math.nan
+
+
+def random_subset_redundancy(
+    W_dec: Tensor, subset_size: int, threshold: float, num_subsets: int, seed: int = 0
+) -> float:
+    """The inter-expert baseline: the in-expert statistic on random subsets of the whole
+    dictionary, each of one expert's size, averaged over ``num_subsets`` seeded draws."""
+    M = W_dec.shape[0]
+    if not 2 <= subset_size <= M:
+        raise ValueError(f"subset_size must be between 2 and the {M} decoder rows, got {subset_size}")
+    if num_subsets < 1:
+        raise ValueError(f"num_subsets must be positive, got {num_subsets}")
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(num_subsets):
+        idx = torch.randperm(M, generator=generator)[:subset_size]
+        values.append(redundancy(max_cosine_to_others(W_dec[idx]), threshold))
+    return sum(values) / len(values)
+
+
+# ---- experts ----------------------------------------------------------------------------------
+
+
+def expert_usage(selected_experts: Tensor, num_experts: int) -> Tensor:
+    """``[N]``: share of (token, selected expert) assignments that went to each expert (sums to 1).
+
+    With one active expert per token this is the share of tokens routed to each expert.
+    """
+    counts = torch.bincount(selected_experts.reshape(-1).long(), minlength=num_experts).double()
+    total = counts.sum()
+    return counts / total if total > 0 else counts.fill_(math.nan)
+
+
+def specialisation_cdf(feature_experts: Tensor, num_experts: int) -> Tensor:
+    """Cumulative share of probe features owned by the experts, experts sorted by that usage.
+
+    ``feature_experts`` lists the expert owning each probe token's top features (any shape; −1
+    entries are ignored, for slots that held no active feature). Experts are ranked by how many
+    of those features they own, most first; entry r − 1 is the share owned by the top r experts,
+    so a curve that reaches 1 after few ranks means the category is concentrated in few experts.
+    """
+    flat = feature_experts.reshape(-1).long()
+    flat = flat[flat >= 0]
+    counts = torch.bincount(flat, minlength=num_experts).double()
+    if counts.sum() == 0:
+        return torch.full((num_experts,), math.nan, dtype=torch.float64)
+    ranked = counts.sort(descending=True).values
+    return ranked.cumsum(0) / ranked.sum()
+
+
+def activation_overlap(top_indices: Tensor, k: int, valid: Tensor | None = None) -> float:
+    """Mean over probe-token pairs i < j of |top-k(i) ∩ top-k(j)| / k.
+
+    ``top_indices [P, k]`` are each token's kept features; ``valid`` (same shape, bool) marks the
+    ones that were actually non-zero (default: all). Uses Σ_{i<j} |S_i ∩ S_j| = Σ_f C(c_f, 2),
+    c_f = number of tokens whose set contains f, so each unordered pair is counted once and the
+    cost is O(P·k) instead of O(P²).
+    """
+    if top_indices.dim() != 2:
+        raise ValueError(f"activation_overlap expects [tokens, k] indices, got shape {tuple(top_indices.shape)}")
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    P = top_indices.shape[0]
+    if P < 2:
+        return math.nan
+    if valid is None:
+        valid = torch.ones_like(top_indices, dtype=torch.bool)
+    _same_shape(top_indices, valid)
+    ids = torch.where(valid, top_indices.long(), torch.full_like(top_indices, -1, dtype=torch.long))
+    ids = ids.sort(dim=1).values
+    # a set per token: drop repeats inside a row and the invalid (−1) entries
+    keep = ids >= 0
+    keep[:, 1:] &= ids[:, 1:] != ids[:, :-1]
+    flat = ids[keep]
+    counts = torch.bincount(flat).double() if flat.numel() else torch.zeros(1, dtype=torch.float64)
+    shared_pairs = float((counts * (counts - 1) / 2).sum())
+    num_pairs = P * (P - 1) / 2
+    return shared_pairs / num_pairs / k
+
+
+def omega_stats(omega: Tensor | None) -> dict[str, float]:
+    """Raw ω statistics (the multiplier is 1 + ω): mean, std, min, max; NaN without ω."""
+    if omega is None or omega.numel() == 0:
+        return {"omega_mean": math.nan, "omega_std": math.nan, "omega_min": math.nan, "omega_max": math.nan}
+    w = omega.detach().double().reshape(-1)
+    return {
+        "omega_mean": float(w.mean()),
+        "omega_std": float(w.std()) if w.numel() > 1 else math.nan,
+        "omega_min": float(w.min()),
+        "omega_max": float(w.max()),
+    }
+
+
+# ---- cost -------------------------------------------------------------------------------------
+
+
+def flops_per_token(d_in: int, num_latents: int, k: int, num_experts: int | None = None, active_experts: int = 1) -> int:
+    """Forward multiply-accumulates per token (SPEC §5): dense M·d + k·d; with experts
+    N·d (router) + e·m·d (selected encoders) + k·d (decoder), m = M / N."""
+    if num_experts is None:
+        return num_latents * d_in + k * d_in
+    return num_experts * d_in + active_experts * (num_latents // num_experts) * d_in + k * d_in
+
+
+def _same_shape(a: Tensor, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
