@@ -37,7 +37,7 @@ def fvu_from_sums(sum_squared_error: float, sum_x: Tensor, sum_squared_norm: flo
         return math.nan
     mean = sum_x.double() / num_tokens
     total_variance = float(sum_squared_norm) - num_tokens * float(mean.pow(2).sum())
-    if total_variance <= 0:
+    if total_variance <= 1e-12 * max(float(sum_squared_norm), 1e-300):  # constant data (up to rounding)
         return math.nan
     return float(sum_squared_error) / total_variance
 

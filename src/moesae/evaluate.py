@@ -1,0 +1,623 @@
+"""The ``evaluate`` and ``collect`` stages: every metric of SPEC §5 for one trained SAE, on held-out
+data only (never the training batches).
+
+``moesae evaluate --variant NAME`` writes ``results/eval/NAME.json``; ``moesae collect`` gathers
+every variant's JSON into ``results/metrics.csv`` (one row per variant), ``results/metrics.json``
+(the DVC metrics file) and the tables the figures read (``results/tables/``).
+
+What is measured, and on what:
+
+- **Reconstruction** (MSE summed over dims, FVU centred on the mean, L0): on the cached activations
+  of the held-out split of the training domain (``heldout``) and of the cross-domain set
+  (``cross``), the first ``max_tokens`` tokens of each cache.
+- **Dead fraction**: a latent is dead if it never fires on the evaluated held-out tokens of the
+  training domain (not the trainer's running count, which only sees training batches).
+- **Loss recovered**: on ``loss_batches`` batches of ``loss_batch_sequences`` held-out documents
+  (the first non-empty ones, in order) per domain; the SAE reconstruction is spliced into the
+  residual stream at the hook and only the blocks after it are run. Zero ablation replaces the
+  same positions by 0; **mean ablation** replaces them by the mean activation of the training
+  domain's *held-out* cache (the tokens of the reconstruction pass), for both domains. The BOS
+  position is left clean (``splice_bos: false``): its residual is an outlier the SAE is not asked
+  to reconstruct. Mean and sample standard deviation over batches.
+- **Redundancy**: decoder rows; fraction with max cosine to another row above τ, mean max cosine;
+  in-expert redundancy and the random-subset inter-expert baseline (MoE SAEs only).
+- **Experts**: usage = share of (token, selected expert) assignments per expert on the held-out
+  pass; raw ω per expert and statistics (only when ω is a trained parameter).
+- **Probe set**: one token category in a template (``probe_words`` + ``probe_template``); the SAE
+  code at the word's first sub-token. Specialisation CDF from the experts owning each probe
+  token's top ``probe_top_features`` features (experts ranked by how many they own); activation
+  overlap from each token's top-k features (k = the SAE's k), pairs i < j counted once.
+- **Cost**: parameters, FLOPs per token (SPEC §5, from the SAE), measured training tokens/s.
+
+Dense SAEs have no experts: their MoE fields are NaN (``null`` in the JSON) and arrays empty.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import metrics as mt
+from .params import ParamsError, load_params, section_to
+
+RESULTS_DIR = Path("results")
+EVAL_SUBDIR = "eval"
+SPLITS = ("heldout", "cross")
+
+# metrics.csv column order (the contract the figures and the report read); extra scalars follow.
+IDENTITY_COLUMNS = [
+    "variant", "family", "architecture", "d_in", "num_latents", "num_experts", "active_experts",
+    "feature_scaling", "gate", "k", "seed",
+]
+COST_COLUMNS = ["params", "flops_per_token", "train_tokens_per_s"]
+SPLIT_COLUMNS = [
+    "mse", "fvu", "l0", "loss_recovered_zero", "loss_recovered_zero_{}_std", "loss_recovered_mean",
+    "loss_recovered_mean_{}_std", "ce_clean", "ce_recon", "ce_zero", "ce_mean",
+]
+ARRAY_KEYS = ("omega", "expert_usage", "specialisation_cdf")
+
+
+# ---- configuration ----------------------------------------------------------------------------
+@dataclass
+class EvaluateConfig:
+    """The ``evaluate`` section of params.yaml."""
+
+    batch_tokens: int = 4096
+    """Tokens per SAE forward pass in the reconstruction pass."""
+    max_tokens: int | None = 65536
+    """Cached tokens per split used for MSE / FVU / L0 / dead fraction (null = the whole cache)."""
+    loss_batches: int = 4
+    """Batches of documents for loss recovered (mean and std over batches are reported)."""
+    loss_batch_sequences: int = 16
+    """Documents per loss-recovered batch (each truncated to the subject model's context)."""
+    redundancy_thresholds: list[float] = field(default_factory=lambda: [0.7, 0.8, 0.9])
+    """τ values for decoder redundancy (column ``redundancy_<τ>``)."""
+    expert_redundancy_threshold: float = 0.8
+    """τ for in-expert redundancy and the random-subset inter-expert baseline."""
+    redundancy_subsets: int = 8
+    """Random equal-size subsets averaged for the inter-expert baseline."""
+    probe_words: str = "probe_python_builtins.txt"
+    """Probe word list: a file in the package's data folder, or a path."""
+    probe_template: str = "x = {w}(y)"
+    """Text around each probe word; ``{w}`` is replaced by the word."""
+    max_probe_words: int | None = None
+    """Use only the first this many probe words (null = all)."""
+    probe_top_features: int = 3
+    """Top features per probe token whose experts enter the specialisation CDF."""
+    splice_bos: bool = False
+    """Also replace the BOS position when splicing (false: BOS keeps its clean residual)."""
+    device: str = "cpu"
+    """Torch device for the SAE and the subject model ("auto" = cuda when available)."""
+    seed: int = 0
+    """Seed for the random subsets of the inter-expert baseline."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, message: str) -> None:
+            raise ValueError(f"invalid evaluate config field '{name}': {message}")
+
+        for name in ("batch_tokens", "loss_batches", "loss_batch_sequences", "redundancy_subsets", "probe_top_features"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                bad(name, f"must be a positive integer, got {value!r}")
+        for name in ("max_tokens", "max_probe_words"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                bad(name, f"must be a positive integer or null, got {value!r}")
+        if not self.redundancy_thresholds or any(not -1 <= float(t) <= 1 for t in self.redundancy_thresholds):
+            bad("redundancy_thresholds", f"must be a non-empty list of cosines in [-1, 1], got {self.redundancy_thresholds!r}")
+        self.redundancy_thresholds = [float(t) for t in self.redundancy_thresholds]
+        if not -1 <= float(self.expert_redundancy_threshold) <= 1:
+            bad("expert_redundancy_threshold", f"must be a cosine in [-1, 1], got {self.expert_redundancy_threshold!r}")
+        if "{w}" not in str(self.probe_template):
+            bad("probe_template", f"must contain '{{w}}' where the probe word goes, got {self.probe_template!r}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
+            bad("device", f"must be cpu, cuda[:N], mps or auto, got {self.device!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+# ---- what evaluate_sae needs from the other stages (see moesae.subject_model / .activations) --
+class SubjectModelLike(Protocol):
+    prepend_bos: bool
+    context_length: int
+
+    def encode_texts(self, texts: list[str], context_length: int | None = None) -> tuple[Tensor, Tensor]: ...
+    def hook_activations(self, tokens: Tensor, mask: Tensor) -> Tensor: ...
+    def loss_after_hook(self, tokens: Tensor, mask: Tensor, resid: Tensor) -> Tensor: ...
+    def clean_loss(self, tokens: Tensor, mask: Tensor) -> Tensor: ...
+
+
+class ActivationReaderLike(Protocol):
+    d_model: int
+    num_tokens: int
+
+    def iter_batches(self, batch_size: int, max_tokens: int | None = None) -> Iterator[Tensor]: ...
+
+
+# ---- probe words ------------------------------------------------------------------------------
+def load_probe_words(name: str) -> list[str]:
+    """Read a probe list (one word per line, ``#`` comments): a package data file or a path."""
+    packaged = resources.files("moesae") / "data" / name
+    path = Path(name)
+    if packaged.is_file():
+        text = packaged.read_text(encoding="utf-8")
+    elif path.is_file():
+        text = path.read_text(encoding="utf-8")
+    else:
+        available = sorted(p.name for p in (resources.files("moesae") / "data").iterdir() if p.name.startswith("probe_"))
+        raise FileNotFoundError(
+            f"probe word list '{name}' not found (neither in moesae/data nor as a path); "
+            f"set evaluate.probe_words to one of {available} or to an existing file"
+        )
+    words, seen = [], set()
+    for line in text.splitlines():
+        word = line.split("#", 1)[0].strip()
+        if word and word not in seen:
+            seen.add(word)
+            words.append(word)
+    if not words:
+        raise ValueError(f"probe word list '{name}' is empty")
+    return words
+
+
+# ---- the core ---------------------------------------------------------------------------------
+def _is_moe(sae) -> bool:
+    return hasattr(sae, "expert_of_feature") and hasattr(sae.cfg, "num_experts")
+
+
+def _sparse_code(out, num_latents: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the code: the SAE's own sparse form, else the non-zero dense entries
+    padded to the row maximum (padding values are 0, so they count as inactive)."""
+    if out.top_indices is not None and out.top_values is not None:
+        return out.top_values, out.top_indices
+    code = out.dense_code(num_latents)
+    width = max(1, int((code != 0).sum(1).max()) if code.numel() else 1)
+    values, indices = code.abs().topk(width, dim=1)
+    return code.gather(1, indices), indices
+
+
+def _top_features(values: Tensor, indices: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Each token's ``count`` largest code entries: (indices, valid) with valid = value > 0."""
+    count = min(count, values.shape[1])
+    top_vals, pos = values.topk(count, dim=1)
+    return indices.gather(1, pos), top_vals > 0
+
+
+def _identity(sae) -> dict[str, Any]:
+    cfg = sae.config_dict()
+    row = {
+        "architecture": cfg.get("architecture"),
+        "d_in": cfg["d_in"],
+        "num_latents": cfg["num_latents"],
+        "num_experts": cfg.get("num_experts", math.nan) if _is_moe(sae) else math.nan,
+        "active_experts": math.nan,
+        "feature_scaling": cfg.get("feature_scaling", ""),
+        "gate": cfg.get("gate", ""),
+        "k": cfg.get("k"),
+        "seed": cfg.get("seed"),
+    }
+    if _is_moe(sae):
+        row["active_experts"] = (
+            sae.active_experts_per_token() if hasattr(sae, "active_experts_per_token") else cfg.get("active_experts", 1)
+        )
+    return row
+
+
+def _check_finite(what: str, value: Tensor, split: str) -> None:
+    if not torch.isfinite(value).all():
+        raise RuntimeError(
+            f"the SAE's {what} is NaN/inf on split '{split}': training diverged or the checkpoint is corrupt; "
+            "retrain this variant (lower its learning rate if it diverges again)"
+        )
+
+
+@torch.no_grad()
+def reconstruction_pass(sae, reader: ActivationReaderLike, cfg: EvaluateConfig, split: str, progress: bool = False) -> dict[str, Any]:
+    """MSE, FVU, L0, feature fire counts, expert assignments and the activation sum over one cache."""
+    device = next(sae.parameters()).device
+    M = sae.cfg.num_latents
+    d = reader.d_model
+    if d != sae.cfg.d_in:
+        raise ValueError(
+            f"the '{split}' activation cache has width {d} but the SAE reads d_in={sae.cfg.d_in}; "
+            "re-run `moesae activations` or retrain the SAE on this subject model"
+        )
+    sse, sum_sq, n, l0_sum = 0.0, 0.0, 0, 0.0
+    sum_x = torch.zeros(d, dtype=torch.float64)
+    fire = torch.zeros(M, dtype=torch.long)
+    num_experts = sae.cfg.num_experts if _is_moe(sae) else 0
+    assignments = torch.zeros(max(num_experts, 1), dtype=torch.long)
+    total = cfg.max_tokens if cfg.max_tokens is not None else reader.num_tokens
+    bar = tqdm(total=min(total, reader.num_tokens), disable=not progress, desc=f"eval {split}", unit="tok")
+    for x in reader.iter_batches(cfg.batch_tokens, cfg.max_tokens):
+        x = x.to(device=device, dtype=torch.float32)
+        out = sae(x)
+        _check_finite("reconstruction", out.x_hat, split)
+        x64, err = x.double(), (x - out.x_hat).double()
+        sse += float(err.pow(2).sum())
+        sum_sq += float(x64.pow(2).sum())
+        sum_x += x64.sum(0).cpu()
+        n += x.shape[0]
+        values, indices = _sparse_code(out, M)
+        l0_sum += float((values != 0).sum())
+        fire += mt.feature_fire_counts(indices, values, M).cpu()
+        selected = out.extras.get("selected_experts") if num_experts else None
+        if selected is not None:
+            assignments += torch.bincount(selected.reshape(-1).cpu().long(), minlength=num_experts)
+        bar.update(x.shape[0])
+    bar.close()
+    if n == 0:
+        raise ValueError(f"the '{split}' activation cache is empty; re-run `moesae activations`")
+    # share of (token, selected expert) assignments per expert, as metrics.expert_usage
+    usage = assignments.double() / assignments.sum() if num_experts and assignments.sum() > 0 else torch.empty(0)
+    return {
+        "mse": sse / n,
+        "fvu": mt.fvu_from_sums(sse, sum_x, sum_sq, n),
+        "l0": l0_sum / n,
+        "num_tokens": n,
+        "fire_counts": fire,
+        "expert_usage": usage,
+        "mean_activation": (sum_x / n).float(),
+    }
+
+
+def _non_empty(texts: Iterable[str]) -> list[str]:
+    return [t for t in texts if isinstance(t, str) and t.strip()]
+
+
+@torch.no_grad()
+def loss_recovered_pass(sae, subject: SubjectModelLike, texts: Sequence[str], mean_activation: Tensor,
+                        cfg: EvaluateConfig, split: str, progress: bool = False) -> dict[str, float]:
+    """Loss recovered with zero and mean ablation over ``loss_batches`` batches of documents."""
+    device = next(sae.parameters()).device
+    docs = _non_empty(texts)[: cfg.loss_batches * cfg.loss_batch_sequences]
+    if not docs:
+        raise ValueError(f"the '{split}' corpus split has no non-empty text for loss recovered; re-run `moesae corpus`")
+    per_batch: dict[str, list[float]] = {key: [] for key in ("clean", "recon", "zero", "mean", "lr_zero", "lr_mean")}
+    batches = [docs[i : i + cfg.loss_batch_sequences] for i in range(0, len(docs), cfg.loss_batch_sequences)]
+    for batch in tqdm(batches, disable=not progress, desc=f"loss {split}", unit="batch"):
+        tokens, mask = subject.encode_texts(batch)
+        resid = subject.hook_activations(tokens, mask)
+        replace = mask.to(resid.device).bool().clone()
+        if getattr(subject, "prepend_bos", False) and not cfg.splice_bos:
+            replace[:, 0] = False
+        if not replace.any():
+            continue
+        x = resid[replace].to(device=device, dtype=torch.float32)
+        x_hat = sae(x).x_hat
+        _check_finite("reconstruction", x_hat, split)
+
+        def spliced(values: Tensor) -> Tensor:
+            out = resid.clone()
+            out[replace] = values.to(device=resid.device, dtype=resid.dtype)
+            return out
+
+        ce_clean = float(subject.clean_loss(tokens, mask))
+        ce_recon = float(subject.loss_after_hook(tokens, mask, spliced(x_hat)))
+        ce_zero = float(subject.loss_after_hook(tokens, mask, spliced(torch.zeros_like(x))))
+        ce_mean = float(subject.loss_after_hook(tokens, mask, spliced(mean_activation.to(x).expand_as(x))))
+        for key, value in (("clean", ce_clean), ("recon", ce_recon), ("zero", ce_zero), ("mean", ce_mean)):
+            per_batch[key].append(value)
+        per_batch["lr_zero"].append(mt.loss_recovered(ce_clean, ce_recon, ce_zero))
+        per_batch["lr_mean"].append(mt.loss_recovered(ce_clean, ce_recon, ce_mean))
+    if not per_batch["clean"]:
+        raise ValueError(f"no token of the '{split}' loss batches could be replaced (all padding or BOS)")
+    lr_zero, lr_zero_std = mt.mean_and_std(per_batch["lr_zero"])
+    lr_mean, lr_mean_std = mt.mean_and_std(per_batch["lr_mean"])
+    return {
+        "loss_recovered_zero": lr_zero,
+        f"loss_recovered_zero_{split}_std": lr_zero_std,
+        "loss_recovered_mean": lr_mean,
+        f"loss_recovered_mean_{split}_std": lr_mean_std,
+        "ce_clean": mt.mean_and_std(per_batch["clean"])[0],
+        "ce_recon": mt.mean_and_std(per_batch["recon"])[0],
+        "ce_zero": mt.mean_and_std(per_batch["zero"])[0],
+        "ce_mean": mt.mean_and_std(per_batch["mean"])[0],
+        "loss_batches": len(per_batch["clean"]),
+    }
+
+
+def probe_positions(subject: SubjectModelLike, template: str, tokens: Tensor) -> Tensor:
+    """Position of the probe word's first sub-token in each row of ``tokens``.
+
+    The template's text before ``{w}`` (right-stripped, so a space that belongs to the word's token
+    stays with it) is tokenised alone; the word starts where the full text first departs from it,
+    skipping a whitespace-only token (tokenizers that split " len" into " " + "len"). Assumes the
+    word is not empty and does not start with whitespace.
+    """
+    prefix = template.split("{w}", 1)[0].rstrip()
+    p_tokens, p_mask = subject.encode_texts([prefix])
+    prefix_ids = p_tokens[0][p_mask[0].bool()]
+    L = min(prefix_ids.numel(), tokens.shape[1])
+    same = tokens[:, :L] == prefix_ids[:L].to(tokens.device)[None, :]
+    # first mismatch, or L where the whole prefix matches
+    mismatch = (~same).int()
+    first = torch.where(mismatch.any(1), mismatch.argmax(1), torch.full((tokens.shape[0],), L, dtype=torch.long))
+    first = first.clamp(max=tokens.shape[1] - 1)
+    # a tokenizer that keeps the space apart (" ", "len") puts a whitespace-only token first: skip it
+    for row in range(tokens.shape[0]):
+        pos = int(first[row])
+        while pos + 1 < tokens.shape[1] and not subject.token_strings([int(tokens[row, pos])])[0].strip():
+            pos += 1
+        first[row] = pos
+    return first
+
+
+@torch.no_grad()
+def probe_pass(sae, subject: SubjectModelLike, words: Sequence[str], cfg: EvaluateConfig, chunk: int = 256) -> dict[str, Any]:
+    """SAE codes at the probe words; specialisation CDF and activation overlap."""
+    device = next(sae.parameters()).device
+    M, k = sae.cfg.num_latents, sae.cfg.k
+    top_idx, top_valid, spec_idx, spec_valid = [], [], [], []
+    for start in range(0, len(words), chunk):
+        texts = [cfg.probe_template.replace("{w}", w) for w in words[start : start + chunk]]
+        tokens, mask = subject.encode_texts(texts)
+        positions = probe_positions(subject, cfg.probe_template, tokens)
+        resid = subject.hook_activations(tokens, mask)
+        x = resid[torch.arange(resid.shape[0], device=resid.device), positions.to(resid.device)]
+        out = sae(x.to(device=device, dtype=torch.float32))
+        values, indices = _sparse_code(out, M)
+        idx, valid = _top_features(values, indices, k)
+        top_idx.append(idx.cpu())
+        top_valid.append(valid.cpu())
+        idx, valid = _top_features(values, indices, cfg.probe_top_features)
+        spec_idx.append(idx.cpu())
+        spec_valid.append(valid.cpu())
+    overlap = mt.activation_overlap(torch.cat(top_idx), k, torch.cat(top_valid))
+    cdf = torch.empty(0)
+    if _is_moe(sae):
+        owner = sae.expert_of_feature().cpu()[torch.cat(spec_idx)]
+        owner = torch.where(torch.cat(spec_valid), owner, torch.full_like(owner, -1))
+        cdf = mt.specialisation_cdf(owner, sae.cfg.num_experts)
+    return {"activation_overlap": overlap, "specialisation_cdf": cdf, "probe_tokens": len(words)}
+
+
+@torch.no_grad()
+def evaluate_sae(sae, subject: SubjectModelLike, heldout_reader: ActivationReaderLike, cross_reader: ActivationReaderLike,
+                 texts_by_split: dict[str, Sequence[str]], cfg: EvaluateConfig, train_log: dict | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """Every metric for one SAE: a flat dict of scalars plus the arrays ``omega``,
+    ``expert_usage`` and ``specialisation_cdf`` (lists; empty for dense SAEs)."""
+    sae.eval()
+    start = time.perf_counter()
+    result: dict[str, Any] = _identity(sae)
+    result["params"] = int(sae.num_parameters())
+    result["flops_per_token"] = int(sae.flops_per_token())
+    result["train_tokens_per_s"] = float((train_log or {}).get("tokens_per_second", math.nan))
+
+    readers = {"heldout": heldout_reader, "cross": cross_reader}
+    passes = {split: reconstruction_pass(sae, readers[split], cfg, split, progress) for split in SPLITS}
+    mean_activation = passes["heldout"]["mean_activation"]
+    for split in SPLITS:
+        p = passes[split]
+        result.update({f"mse_{split}": p["mse"], f"fvu_{split}": p["fvu"], f"l0_{split}": p["l0"],
+                       f"num_tokens_{split}": p["num_tokens"]})
+        if split not in texts_by_split:
+            raise ValueError(f"no '{split}' texts given for loss recovered (texts_by_split has {sorted(texts_by_split)})")
+        lr = loss_recovered_pass(sae, subject, texts_by_split[split], mean_activation, cfg, split, progress)
+        for key, value in lr.items():
+            result[key if key.endswith("_std") else f"{key}_{split}"] = value
+    result["dead_fraction"] = mt.dead_fraction(passes["heldout"]["fire_counts"])
+
+    result.update(mt.decoder_redundancy(sae.W_dec, cfg.redundancy_thresholds))
+    tau = cfg.expert_redundancy_threshold
+    in_key, inter_key = f"in_expert_redundancy_{tau:g}", f"inter_expert_redundancy_{tau:g}"
+    if _is_moe(sae) and sae.cfg.num_latents // sae.cfg.num_experts >= 2:
+        owner = sae.expert_of_feature().cpu()
+        result[in_key] = mt.in_expert_redundancy(sae.W_dec.cpu(), owner, tau)
+        result[inter_key] = mt.random_subset_redundancy(
+            sae.W_dec.cpu(), sae.cfg.num_latents // sae.cfg.num_experts, tau, cfg.redundancy_subsets, cfg.seed
+        )
+    else:
+        result[in_key] = result[inter_key] = math.nan
+
+    omega = getattr(sae, "omega", None)
+    omega = omega.detach().cpu() if isinstance(omega, torch.nn.Parameter) else None  # buffer = frozen at 0
+    result.update(mt.omega_stats(omega))
+    result["omega"] = [] if omega is None else omega.tolist()
+    result["expert_usage"] = passes["heldout"]["expert_usage"].tolist()
+
+    words = load_probe_words(cfg.probe_words)
+    if cfg.max_probe_words is not None:
+        words = words[: cfg.max_probe_words]
+    probe = probe_pass(sae, subject, words, cfg)
+    result["activation_overlap"] = probe["activation_overlap"]
+    result["specialisation_cdf"] = probe["specialisation_cdf"].tolist()
+    result["probe_tokens"] = probe["probe_tokens"]
+    result["probe_template"] = cfg.probe_template
+    result["probe_words"] = cfg.probe_words
+    result["eval_seconds"] = time.perf_counter() - start
+    return result
+
+
+# ---- files ------------------------------------------------------------------------------------
+def _json_safe(value: Any) -> Any:
+    """NaN/inf → null (valid JSON); tensors and numpy scalars → Python numbers."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _load_inputs(params: dict[str, Any], variant: str, device: torch.device):
+    """Load the SAE, subject model, activation readers, texts and training log from disk."""
+    from .activations import ActivationReader
+    from .corpus import load_split
+    from .grid import MODELS_DIR
+    from .saes import load_sae
+    from .subject_model import load_subject_model
+    from .train import read_train_log
+
+    paths = params.get("paths") or {}
+    model_dir = MODELS_DIR / variant
+    sae = load_sae(model_dir).to(device)
+    try:
+        train_log = read_train_log(model_dir)[1]
+    except FileNotFoundError:
+        train_log = {}
+    subject = load_subject_model(paths.get("subject_model", "models/subject"), device=str(device))
+    activations = Path(paths.get("activations", "data/activations"))
+    readers = {split: ActivationReader(activations / split) for split in SPLITS}
+    corpus = Path(paths.get("corpus", "data/corpus"))
+    texts = {split: load_split(corpus, split)["text"] for split in SPLITS}
+    return sae, subject, readers, texts, train_log
+
+
+def run_evaluation(variant: str, params_path: str | Path = "params.yaml", results_dir: str | Path = RESULTS_DIR,
+                   progress: bool = True) -> Path:
+    """Evaluate one variant and write ``<results_dir>/eval/<variant>.json``. Any failure is
+    re-raised naming the variant; other variants' results are never touched."""
+    params = load_params(params_path)
+    variants = params.get("variants") or {}
+    if variant not in variants:
+        raise ParamsError(
+            f"params.yaml: no variant named '{variant}' under 'variants' "
+            "(regenerate with `moesae profile <name>` after editing the grid)"
+        )
+    cfg = section_to(EvaluateConfig, params.get("evaluate"), "evaluate")
+    try:
+        sae, subject, readers, texts, train_log = _load_inputs(params, variant, cfg.torch_device())
+        result = evaluate_sae(sae, subject, readers["heldout"], readers["cross"], texts, cfg, train_log, progress)
+        for key in ("mse_heldout", "mse_cross"):
+            if not math.isfinite(result[key]):
+                raise RuntimeError(f"{key} is {result[key]}: training diverged; retrain this variant")
+    except Exception as exc:  # name the variant; the grid's other cells are not touched
+        kind = FileNotFoundError if isinstance(exc, FileNotFoundError) else ValueError if isinstance(exc, ValueError) else RuntimeError
+        raise kind(f"variant '{variant}': {exc}") from exc
+    result = {"variant": variant, "family": variants[variant].get("family", ""), **result}
+    return write_json_atomic(Path(results_dir) / EVAL_SUBDIR / f"{variant}.json", result)
+
+
+def _scalar_columns(rows: list[dict[str, Any]]) -> list[str]:
+    split_cols = [c.format(s) if "{}" in c else f"{c}_{s}" for s in SPLITS for c in SPLIT_COLUMNS]
+    fixed = IDENTITY_COLUMNS + COST_COLUMNS + split_cols + ["dead_fraction"]
+    seen = set(fixed)
+    extra = []
+    for row in rows:
+        for key, value in row.items():
+            if key not in seen and key not in ARRAY_KEYS and not isinstance(value, (list, dict)):
+                seen.add(key)
+                extra.append(key)
+    redundancy = sorted(c for c in extra if c.startswith("redundancy_")) + [c for c in ("mean_max_cos",) if c in seen]
+    expert = [c for c in extra if c.startswith(("in_expert_redundancy_", "inter_expert_redundancy_"))]
+    omega = [c for c in ("omega_mean", "activation_overlap") if c in seen]
+    ordered = fixed + redundancy + expert + omega
+    return ordered + [c for c in extra if c not in ordered]
+
+
+def collect(results_dir: str | Path = RESULTS_DIR, params_path: str | Path | None = "params.yaml") -> dict[str, Path]:
+    """Gather ``eval/*.json`` into metrics.csv, metrics.json and the figure tables.
+
+    With a params file, only the variants it lists are collected (stale files of removed variants
+    are ignored) and missing ones are reported by name; without one, every JSON found is used.
+    """
+    import pandas as pd
+
+    results_dir = Path(results_dir)
+    eval_dir = results_dir / EVAL_SUBDIR
+    wanted: list[str] | None = None
+    if params_path is not None and Path(params_path).is_file():
+        wanted = list((load_params(params_path).get("variants") or {}).keys()) or None
+    files = sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []
+    found = {p.stem: p for p in files}
+    names = [n for n in wanted if n in found] if wanted is not None else sorted(found)
+    missing = [n for n in wanted if n not in found] if wanted is not None else []
+    if missing:
+        print(f"[collect] warning: no evaluation for {len(missing)} variant(s): {', '.join(missing)} "
+              "(run `moesae evaluate --variant NAME`); collecting the others")
+    if not names:
+        raise FileNotFoundError(f"no evaluation results in {eval_dir}; run `moesae evaluate --variant NAME` first")
+    rows = []
+    for name in names:
+        try:
+            row = json.loads(found[name].read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"corrupt evaluation file {found[name]}: {exc}; re-run `moesae evaluate --variant {name}`") from exc
+        row["variant"] = name
+        rows.append(row)
+
+    columns = _scalar_columns(rows)
+    frame = pd.DataFrame([{c: (math.nan if row.get(c) is None else row.get(c)) for c in columns} for row in rows], columns=columns)
+    out = {}
+    out["metrics.csv"] = _write_frame(frame, results_dir / "metrics.csv")
+    metrics_json = {row["variant"]: {c: row.get(c) for c in columns[1:] if isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool)} for row in rows}
+    out["metrics.json"] = write_json_atomic(results_dir / "metrics.json", metrics_json)
+
+    tables = results_dir / "tables"
+    spec = [{"variant": r["variant"], "rank": i + 1, "cumulative_share": v}
+            for r in rows for i, v in enumerate(r.get("specialisation_cdf") or [])]
+    out["specialisation.csv"] = _write_frame(pd.DataFrame(spec, columns=["variant", "rank", "cumulative_share"]), tables / "specialisation.csv")
+    experts = []
+    for r in rows:
+        usage, omega = r.get("expert_usage") or [], r.get("omega") or []
+        for i in range(max(len(usage), len(omega))):
+            experts.append({"variant": r["variant"], "expert": i,
+                            "usage": usage[i] if i < len(usage) else math.nan,
+                            "omega": omega[i] if i < len(omega) else math.nan})
+    out["experts.csv"] = _write_frame(pd.DataFrame(experts, columns=["variant", "expert", "usage", "omega"]), tables / "experts.csv")
+    return out
+
+
+def _write_frame(frame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+def _timing(stage: str):
+    from .timing import record
+
+    return record(stage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moesae evaluate", description="Evaluate one trained SAE on held-out data")
+    parser.add_argument("--variant", required=True, help="variant name from params.yaml")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    with _timing(f"evaluate@{args.variant}"):
+        path = run_evaluation(args.variant, args.params, progress=not args.no_progress)
+    print(f"[evaluate] {args.variant}: wrote {path}")
+    return 0
+
+
+def main_collect(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moesae collect", description="Collect results/eval/*.json into results/metrics.csv")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--results", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    with _timing("collect"):
+        written = collect(args.results, args.params)
+    for name, path in written.items():
+        print(f"[collect] wrote {path}")
+    return 0
