@@ -1,5 +1,5 @@
 """The SAE model zoo: one file per architecture, all behind ``build_sae`` / ``load_sae``."""
-from . import scale, switch, topk  # noqa: F401  (registers the architectures)
+from . import batchtopk, feature_choice, gated, jumprelu, relu, scale, switch, topk  # noqa: F401  (registers the architectures)
 from .base import SAE, SAEConfig, SAEOutput
 from .registry import PRESETS, REGISTRY, available_architectures, build_sae, load_sae, register
 

@@ -10,6 +10,24 @@ and each expert's encoder multiplies only its own tokens:
   routing is so skewed that padding would cost more than the loop);
 - ``"all"``: the authors' design, every expert for every token, then masked — kept as the
   reference the fast paths are tested and benchmarked against.
+
+Routing options (config fields, defaults = the published designs):
+
+- ``router: "learned"``: the architecture's own learned softmax router.
+- ``router: "moex"`` (MoE-X-style, Yang et al. 2025): no learned router; each token goes to the
+  experts whose ReLU codes would be *sparsest*, estimated from each expert's own encoder statistics.
+  Treat expert i's m encoder rows as draws from a distribution with per-dimension mean μ_i and
+  variance σ²_i (and its biases with mean b̄_i, variance v_i); a pre-activation w·x + b is then
+  ≈ N(μ_i·x + b̄_i, σ²_i·x² + v_i), so the expected share of positive units is
+  ρ_i(x) = Φ((μ_i·x + b̄_i) / sqrt(σ²_i·x² + v_i)), at 2·N·d multiply-adds per token (the
+  statistics themselves cost M·d once per batch). Router logits are −log(1 + m·ρ_i(x)) (the
+  probabilities ∝ 1/(1 + expected active units)); experts with the largest logits are selected.
+  Routing is a fixed function of the current encoders: no gradient flows through it, and there is
+  no load-balancing loss (no router to balance).
+- ``shared_expert: true``: expert 0 is always on (one expert every token uses, for the common
+  features Switch SAEs otherwise duplicate in every expert). The router chooses among experts
+  1…N−1 as before; the shared expert's gate weight is 1 (ungated) and its candidates join the
+  routed experts' in the TopK. It is the last column of ``extras["selected_experts"]``.
 """
 from __future__ import annotations
 
@@ -22,6 +40,8 @@ from torch import Tensor, nn
 from .base import SAE, SAEConfig, _check, geometric_median
 
 DISPATCH_MODES = ("auto", "grouped", "loop", "all")
+ROUTERS = ("learned", "moex")
+SHARED_EXPERT = 0
 
 
 @dataclass
@@ -32,6 +52,10 @@ class MoEConfig(SAEConfig):
     """α (Switch) / λ (Scale): the load-balancing loss is α · d · N · Σ f_i P_i."""
     dispatch: str = "auto"
     """How experts are computed: auto | grouped | loop | all (see module docstring)."""
+    router: str = "learned"
+    """How tokens choose experts: learned (softmax router) | moex (sparsest expected code)."""
+    shared_expert: bool = False
+    """Expert 0 is used by every token in addition to the routed ones."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,6 +71,18 @@ class MoEConfig(SAEConfig):
         )
         _check(self.balance_coefficient >= 0, "balance_coefficient", "must be non-negative")
         _check(self.dispatch in DISPATCH_MODES, "dispatch", f"must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
+        _check(self.router in ROUTERS, "router", f"must be one of {ROUTERS}, got {self.router!r}")
+        _check(isinstance(self.shared_expert, bool), "shared_expert", f"must be true or false, got {self.shared_expert!r}")
+        _check(
+            not self.shared_expert or self.num_experts >= 2,
+            "shared_expert",
+            "needs num_experts >= 2 (one shared expert plus at least one routed expert)",
+        )
+
+    @property
+    def routed_experts(self) -> int:
+        """Experts the router chooses among (N, or N − 1 with a shared expert)."""
+        return self.num_experts - int(self.shared_expert)
 
     @property
     def expert_size(self) -> int:
@@ -64,71 +100,141 @@ def load_balance_loss(router_probs: Tensor, top_expert: Tensor) -> Tensor:
     return num_experts * (f * P).sum()
 
 
+def sparsity_router_logits(
+    x: Tensor, row_mean: Tensor, row_var: Tensor, bias_mean: Tensor, bias_var: Tensor, expert_size: int
+) -> Tensor:
+    """MoE-X-style router logits −log(1 + m·ρ_i(x)) from encoder statistics (module docstring).
+
+    Args: x ``[B, d]`` centred input; row_mean, row_var ``[N, d]``; bias_mean, bias_var ``[N]``.
+    """
+    mean = x @ row_mean.T + bias_mean
+    std = (x.pow(2) @ row_var.T + bias_var).clamp_min(1e-12).sqrt()
+    positive_share = torch.special.ndtr(mean / std)
+    return -torch.log1p(expert_size * positive_share)
+
+
+def encoder_statistics(W: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-expert row mean / variance ``[N, d]`` and bias mean / variance ``[N]`` of ``W [N, m, d]``."""
+    row_mean, row_var = W.mean(1), W.var(1, unbiased=False)
+    if b is None:
+        zeros = W.new_zeros(W.shape[0])
+        return row_mean, row_var, zeros, zeros
+    return row_mean, row_var, b.mean(1), b.var(1, unbiased=False)
+
+
 def dispatch_experts(
     x: Tensor,
     experts: Tensor,
-    expert_weights: Callable[[Tensor], Tensor],
+    expert_weights: Tensor | Callable[[Tensor], Tensor],
     expert_bias: Tensor | None,
     num_experts: int,
     mode: str = "auto",
+    *,
+    omega: Tensor | None = None,
+    low_freq: Tensor | None = None,
 ) -> Tensor:
-    """Pre-activations of each token's selected experts.
+    """Pre-activations of each token's selected experts, computing only those experts.
 
     Args:
         x: ``[B, d]`` (already centred by the pre-bias).
         experts: ``[B, e]`` selected expert ids per token.
-        expert_weights: maps a 1-D tensor of expert ids to their encoders ``[A, m, d]``;
-            called only with experts that at least one token selected.
+        expert_weights: the stacked encoders ``[N, m, d]`` (preferred: used in place, so no
+            per-step copy of the weights and one gradient buffer), or a callable mapping a 1-D
+            tensor of expert ids to their encoders ``[A, m, d]`` (called only with experts that
+            at least one token selected; ``"all"`` calls it with every id).
         expert_bias: ``[N, m]`` or None.
+        omega, low_freq: optional Feature Scaling ``[N]`` and ``[N, d]``: the effective encoder
+            is Ŵ_i = W_i + ω_i (W_i − 1 L_iᵀ). The fast modes apply it to the output,
+            Ŵ_i x = (1 + ω_i) W_i x − ω_i (L_i · x), so Ŵ (all M·d weights, several passes per
+            step forward and backward) is never materialised; ``"all"`` builds Ŵ as the authors do.
     Returns:
-        ``[B, e, m]``: ``W_i x + b_i`` for each selected expert i.
+        ``[B, e, m]``: ``Ŵ_i x + b_i`` for each selected expert i, in the dtype of the expert
+        matmul (bf16 under autocast).
     """
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"invalid SAE config field 'dispatch': must be one of {DISPATCH_MODES}, got {mode!r}")
+    if (omega is None) != (low_freq is None):
+        raise ValueError("dispatch_experts: Feature Scaling needs both omega and low_freq (or neither)")
     B, e = experts.shape
-    if mode == "all":
-        W = expert_weights(torch.arange(num_experts, device=x.device))  # [N, m, d]
+    device = x.device
+    stacked = expert_weights if isinstance(expert_weights, Tensor) else None
+
+    def weights_of(ids: Tensor | None) -> Tensor:
+        if stacked is not None:
+            return stacked if ids is None else stacked.index_select(0, ids)
+        return expert_weights(torch.arange(num_experts, device=device) if ids is None else ids)  # type: ignore[operator]
+
+    if mode == "all":  # the authors' design: every expert for every token, then keep the selected
+        W = weights_of(None)  # [N, m, d]
+        if omega is not None:
+            W = W + omega[:, None, None] * (W - low_freq[:, None, :])  # type: ignore[index]
         pre = torch.einsum("bd,nmd->bnm", x, W)
         if expert_bias is not None:
             pre = pre + expert_bias
         return pre.gather(1, experts[:, :, None].expand(B, e, pre.shape[-1]))
 
-    flat = experts.reshape(-1)
+    flat = experts.reshape(-1)  # pair p = (token p // e, rank p % e)
     num_pairs = flat.numel()
-    token_of_pair = torch.arange(B, device=x.device).repeat_interleave(e)
-    order = torch.argsort(flat, stable=True)
-    sorted_experts = flat[order]
-    counts = torch.bincount(flat, minlength=num_experts)
-    active = counts.nonzero().squeeze(1)
-    active_counts = counts[active]
-    W = expert_weights(active)  # [A, m, d]
-    m = W.shape[1]
-    capacity = int(active_counts.max())
+    counts_host = torch.bincount(flat, minlength=num_experts).tolist()  # the one host sync
+    active = [i for i, c in enumerate(counts_host) if c > 0]
+    all_active = len(active) == num_experts
+    active_ids = None if all_active else torch.tensor(active, device=device)
+    capacity = max(counts_host)
     if mode == "auto":
-        mode = "grouped" if active.numel() * capacity <= 2 * num_pairs else "loop"
+        mode = "grouped" if len(active) * capacity <= 2 * num_pairs else "loop"
+    fuse_bias = expert_bias is not None and omega is None
+    order = torch.argsort(flat, stable=True)  # pairs sorted by expert: contiguous per-expert runs
 
-    x_sorted = x[token_of_pair[order]]
     if mode == "grouped":
-        slot_of_expert = torch.full((num_experts,), -1, dtype=torch.long, device=x.device)
-        slot_of_expert[active] = torch.arange(active.numel(), device=x.device)
-        offsets = torch.cumsum(counts, 0) - counts
-        position = torch.arange(num_pairs, device=x.device) - offsets[sorted_experts]
-        slot = slot_of_expert[sorted_experts]
-        padded = x.new_zeros(active.numel(), capacity, x.shape[1])
-        padded = padded.index_put((slot, position), x_sorted)
-        out = torch.bmm(padded, W.transpose(1, 2))  # [A, C, m]
-        if expert_bias is not None:
-            out = out + expert_bias[active][:, None, :]
-        pre_sorted = out[slot, position]
+        # One batched matmul: expert a's tokens fill rows a·C … a·C + count_a − 1 of a zero-padded
+        # [A·C, d] buffer (C = the largest expert's token count).
+        W = weights_of(active_ids)
+        A, m, d = W.shape
+        counts = torch.tensor(counts_host, device=device)
+        sorted_experts = flat[order]
+        position = torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+        if all_active:
+            slot = sorted_experts
+        else:
+            slot_of_expert = torch.full((num_experts,), -1, dtype=torch.long, device=device)
+            slot_of_expert[active_ids] = torch.arange(A, device=device)
+            slot = slot_of_expert[sorted_experts]
+        dest = torch.empty_like(order)
+        dest[order] = slot * capacity + position  # padded row of each pair, in (token, rank) order
+        x_pairs = x.unsqueeze(1).expand(B, e, d).reshape(num_pairs, d)  # backward: a sum over e
+        padded = x.new_zeros(A * capacity, d).index_copy(0, dest, x_pairs).view(A, capacity, d)
+        if fuse_bias:
+            bias = expert_bias if all_active else expert_bias.index_select(0, active_ids)  # type: ignore[union-attr]
+            out = torch.baddbmm(bias[:, None, :], padded, W.transpose(1, 2))
+        else:
+            out = torch.bmm(padded, W.transpose(1, 2))  # [A, C, m]
+        pre = out.view(A * capacity, m).index_select(0, dest).view(B, e, m)
     elif mode == "loop":
-        chunks = torch.split(x_sorted, active_counts.tolist())
-        outs = [chunk @ W[i].T for i, chunk in enumerate(chunks)]
-        if expert_bias is not None:
-            outs = [o + expert_bias[active[i]] for i, o in enumerate(outs)]
+        # One matmul per selected expert on its contiguous slice (no padding). The stacked weights
+        # are unbound once, so the backward fills one gradient buffer instead of one per expert.
+        weights = weights_of(active_ids).unbind(0)
+        biases = expert_bias.unbind(0) if fuse_bias else None  # type: ignore[union-attr]
+        x_sorted = x.index_select(0, order // e)
+        chunks = x_sorted.split([counts_host[i] for i in active])
+        outs = [
+            torch.addmm(biases[i], chunk, w.T) if biases is not None else chunk @ w.T
+            for i, chunk, w in zip(active, chunks, weights)
+        ]
         pre_sorted = torch.cat(outs, 0)
+        m = pre_sorted.shape[1]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(num_pairs, device=device)
+        pre = pre_sorted.index_select(0, inverse).view(B, e, m)
     else:
         raise ValueError(f"invalid SAE config field 'dispatch': unknown mode {mode!r}")
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(num_pairs, device=x.device)
-    return pre_sorted[inverse].view(B, e, m)
+
+    if omega is not None:
+        selected_omega = omega[experts].to(pre.dtype)  # [B, e]
+        low_dot_x = torch.einsum("bd,bed->be", x, low_freq[experts]).to(pre.dtype)  # type: ignore[index]
+        pre = torch.addcmul((-selected_omega * low_dot_x)[:, :, None], pre, (1 + selected_omega)[:, :, None])
+    if expert_bias is not None and not fuse_bias:
+        pre = pre + expert_bias[experts].to(pre.dtype)
+    return pre
 
 
 class MoESAE(SAE):
@@ -166,7 +272,33 @@ class MoESAE(SAE):
     def active_experts_per_token(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def flops_per_token(self) -> int:
+    def encoder_statistics(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Statistics of each expert's (effective) encoder for the ``moex`` router."""
+        return encoder_statistics(self.W_enc, getattr(self, "b_enc", None))
+
+    @torch.no_grad()
+    def moex_router_logits(self, x: Tensor) -> Tensor:
+        """``[B, N]`` MoE-X-style logits (no gradient: routing is a fixed function of the encoders)."""
         cfg: MoEConfig = self.cfg  # type: ignore[assignment]
-        e = self.active_experts_per_token()
-        return cfg.num_experts * cfg.d_in + e * cfg.expert_size * cfg.d_in + cfg.k * cfg.d_in
+        return sparsity_router_logits(x - self.b_dec, *self.encoder_statistics(), cfg.expert_size)
+
+    def mask_shared_expert(self, logits: Tensor) -> Tensor:
+        """With a shared expert the router chooses among the others: its logit becomes −inf."""
+        if not self.cfg.shared_expert:  # type: ignore[attr-defined]
+            return logits
+        logits = logits.clone()
+        logits[:, SHARED_EXPERT] = -torch.inf
+        return logits
+
+    def routed_balance_loss(self, probs: Tensor, top_expert: Tensor) -> Tensor:
+        """N · Σ f_i P_i over the routed experts only (the shared expert is not balanced)."""
+        if self.cfg.shared_expert:  # type: ignore[attr-defined]
+            return load_balance_loss(probs[:, SHARED_EXPERT + 1 :], top_expert - 1)
+        return load_balance_loss(probs, top_expert)
+
+    def flops_per_token(self) -> int:
+        """Router (N·d learned, 2·N·d moex) + active experts' encoders + k decoder rows."""
+        cfg: MoEConfig = self.cfg  # type: ignore[assignment]
+        e = self.active_experts_per_token() + int(cfg.shared_expert)
+        router = cfg.num_experts * cfg.d_in * (2 if cfg.router == "moex" else 1)
+        return router + e * cfg.expert_size * cfg.d_in + cfg.k * cfg.d_in

@@ -20,6 +20,16 @@ candidates; x̂ = W_decᵀ z + b_dec. Loss = MSE + λ · d · N Σ f_i P_i (f_i 
 
 Ŵ_i = W_i + ω_i H_i is the paper's 1·L_iᵀ + (1 + ω_i) H_i rearranged, so that ω = 0 gives W_i
 bit for bit.
+
+Options (see moe.py for ``router`` and ``shared_expert``): with ``router="moex"`` the logits are
+the MoE-X sparsity estimates from the *effective* encoders' statistics (row mean
+(1 + ω_i) μ_i − ω_i L_i, row variance (1 + ω_i)² σ²_i: no Ŵ is built), and with a shared expert
+its candidates enter the TopK with weight 1.
+``batch_topk=True``: global TopK across experts *and tokens* — during training keep the k·B largest
+of the whole [B, e·m] candidate matrix (BatchTopK-style batch allocation, so a token may keep more
+or fewer than k); at inference keep candidates above the global threshold θ (buffer ``threshold``,
+EMA of the smallest kept value, as in batchtopk.py). The code then has a variable count per token:
+``top_values``/``top_indices`` are padded with zeros to the largest count in the batch.
 """
 from __future__ import annotations
 
@@ -29,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import SAEOutput, _check, reconstruction_mse, sparse_decode
-from .moe import MoEConfig, MoESAE, dispatch_experts, load_balance_loss
+from .batchtopk import batch_topk_mask, update_threshold
+from .moe import SHARED_EXPERT, MoEConfig, MoESAE, dispatch_experts, encoder_statistics
 from .registry import register
 
 FEATURE_SCALING = ("mean", "identity", "learned", "none")
@@ -44,13 +55,18 @@ class ScaleConfig(MoEConfig):
     """Decomposition for Feature Scaling: mean | identity | learned | none."""
     gate: str = "prob_softmax"
     """Gate over the selected experts: softmax of their probabilities (authors) or of their logits."""
+    batch_topk: bool = False
+    """Global TopK with a batch-level budget k·B (training) and a global threshold (inference)."""
+    threshold_decay: float = 0.99
+    """β: EMA decay of the inference threshold when batch_topk is on."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(
-            isinstance(self.active_experts, int) and 1 <= self.active_experts <= self.num_experts,
+            isinstance(self.active_experts, int) and 1 <= self.active_experts <= self.routed_experts,
             "active_experts",
-            f"active_experts={self.active_experts} must be between 1 and num_experts={self.num_experts}",
+            f"active_experts={self.active_experts} must be between 1 and the number of routed experts "
+            f"{self.routed_experts} (num_experts={self.num_experts}, shared_expert={self.shared_expert})",
         )
         _check(
             self.feature_scaling in FEATURE_SCALING,
@@ -58,12 +74,14 @@ class ScaleConfig(MoEConfig):
             f"must be one of {FEATURE_SCALING}, got {self.feature_scaling!r}",
         )
         _check(self.gate in GATES, "gate", f"must be one of {GATES}, got {self.gate!r}")
+        width = (self.active_experts + int(self.shared_expert)) * self.expert_size
         _check(
-            self.k <= self.active_experts * self.expert_size,
+            self.k <= width,
             "k",
-            f"k={self.k} exceeds the active width active_experts*num_latents/num_experts="
-            f"{self.active_experts * self.expert_size}",
+            f"k={self.k} exceeds the active width (active_experts + shared_expert)*num_latents/num_experts={width}",
         )
+        _check(isinstance(self.batch_topk, bool), "batch_topk", f"must be true or false, got {self.batch_topk!r}")
+        _check(0 <= self.threshold_decay < 1, "threshold_decay", f"must be in [0, 1), got {self.threshold_decay!r}")
 
 
 @register("scale")
@@ -84,12 +102,50 @@ class ScaleSAE(MoESAE):
                 self.T = nn.Parameter(torch.eye(d))
             if cfg.feature_scaling == "learned":
                 self.low_freq = nn.Parameter(self.W_enc.detach().mean(1).clone())
+        if cfg.batch_topk:
+            self.register_buffer("threshold", torch.full((), -1.0))
 
     def active_experts_per_token(self) -> int:
         return self.cfg.active_experts  # type: ignore[attr-defined]
 
     def router_logits(self, x: Tensor) -> Tensor:
-        return (x - self.b_router) @ self.W_router.T + self.c_router
+        if self.cfg.router == "moex":  # type: ignore[attr-defined]
+            return self.mask_shared_expert(self.moex_router_logits(x))
+        return self.mask_shared_expert((x - self.b_router) @ self.W_router.T + self.c_router)
+
+    def low_frequency(self) -> Tensor | None:
+        """L_i for every expert ``[N, d]`` (None without Feature Scaling)."""
+        mode = self.cfg.feature_scaling  # type: ignore[attr-defined]
+        if mode == "none":
+            return None
+        if mode == "learned":
+            return self.low_freq
+        low = self.W_enc.mean(1)
+        return low @ self.T.T if mode == "mean" else low
+
+    def encoder_statistics(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Row mean / variance of the effective encoders Ŵ_i, without building Ŵ."""
+        row_mean, row_var, bias_mean, bias_var = encoder_statistics(self.W_enc, self.b_enc)
+        low = self.low_frequency()
+        if low is not None:
+            scale = 1 + self.omega[:, None]
+            row_mean = scale * row_mean - self.omega[:, None] * low
+            row_var = scale.pow(2) * row_var
+        return row_mean, row_var, bias_mean, bias_var
+
+    def select_candidates(self, candidates: Tensor) -> tuple[Tensor, Tensor]:
+        """(values, candidate indices) kept from ``[B, e·m]``: per-token TopK, or batch TopK."""
+        cfg: ScaleConfig = self.cfg  # type: ignore[assignment]
+        if not cfg.batch_topk:
+            return candidates.topk(cfg.k, dim=-1, sorted=False)
+        if self.training:
+            keep = batch_topk_mask(candidates.detach(), cfg.k * candidates.shape[0])
+            update_threshold(self.threshold, candidates.detach()[keep], cfg.threshold_decay)
+        else:
+            keep = candidates.detach() > self.threshold.clamp_min(0)
+        width = max(1, int(keep.sum(1).max()))
+        kept = candidates * keep.to(candidates.dtype)
+        return kept.topk(width, dim=-1, sorted=False)
 
     def effective_encoders(self, ids: Tensor) -> Tensor:
         """Ŵ for the experts ``ids``: ``[len(ids), m, d]``. Only these experts are touched."""
@@ -109,20 +165,24 @@ class ScaleSAE(MoESAE):
         cfg: ScaleConfig = self.cfg  # type: ignore[assignment]
         logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1)
-        top_probs, experts = probs.topk(cfg.active_experts, dim=-1)  # sorted, largest first
+        top_probs, routed = probs.topk(cfg.active_experts, dim=-1)  # sorted, largest first
         if cfg.gate == "prob_softmax":
             weights = torch.softmax(top_probs, dim=-1)
         else:
-            weights = torch.softmax(logits.gather(1, experts), dim=-1)
+            weights = torch.softmax(logits.gather(1, routed), dim=-1)
+        experts = routed
+        if cfg.shared_expert:  # the always-on expert joins every token, ungated (weight 1)
+            experts = torch.cat([routed, routed.new_full((routed.shape[0], 1), SHARED_EXPERT)], 1)
+            weights = torch.cat([weights, weights.new_ones(weights.shape[0], 1)], 1)
         pre = dispatch_experts(
             x - self.b_dec, experts, self.effective_encoders, self.b_enc, cfg.num_experts, cfg.dispatch
         )  # [B, e, m]
         candidates = (torch.relu(pre) * weights[:, :, None]).flatten(1)  # [B, e·m]
-        values, candidate_idx = candidates.topk(cfg.k, dim=-1, sorted=False)
+        values, candidate_idx = self.select_candidates(candidates)
         indices = self._global_ids(candidate_idx, experts)
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}
-        if cfg.balance_coefficient > 0:
-            losses["load_balance"] = cfg.balance_coefficient * cfg.d_in * load_balance_loss(probs, experts[:, 0])
+        if cfg.balance_coefficient > 0 and cfg.router == "learned":
+            losses["load_balance"] = cfg.balance_coefficient * cfg.d_in * self.routed_balance_loss(probs, routed[:, 0])
         extras = {"router_probs": probs, "selected_experts": experts, "gate_weights": weights}
         return SAEOutput(x_hat=x_hat, losses=losses, top_values=values, top_indices=indices, extras=extras)

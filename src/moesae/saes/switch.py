@@ -10,6 +10,10 @@ Parameters (checkpoint names and shapes; N experts of m = M/N features):
 p = softmax(W_router (x − b_router)); i* = argmax p;
 a = TopK_k(ReLU(W_enc[i*] (x − b_dec)));  z = p_{i*} · a (gate folded into the code);
 x̂ = W_decᵀ z + b_dec.  Loss = MSE + α · d · N Σ f_i P_i.
+
+Options (moe.py): ``router="moex"`` routes by the sparsest expected code, gate weight 1, no
+balancing loss; ``shared_expert=True`` adds the always-on expert 0 (weight 1) and keeps the TopK_k
+over the routed and the shared expert's 2·m candidates.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .base import SAEOutput, _check, reconstruction_mse, sparse_decode
-from .moe import MoEConfig, MoESAE, dispatch_experts, load_balance_loss
+from .moe import SHARED_EXPERT, MoEConfig, MoESAE, dispatch_experts, load_balance_loss
 from .registry import register
 
 
@@ -27,10 +31,11 @@ from .registry import register
 class SwitchConfig(MoEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
+        width = (1 + int(self.shared_expert)) * self.expert_size
         _check(
-            self.k <= self.expert_size,
+            self.k <= width,
             "k",
-            f"k={self.k} exceeds the expert size num_latents/num_experts={self.expert_size}",
+            f"k={self.k} exceeds the active width (1 + shared_expert)*num_latents/num_experts={width}",
         )
 
 
@@ -42,21 +47,46 @@ class SwitchSAE(MoESAE):
         return 1
 
     def router_probs(self, x: Tensor) -> Tensor:
-        return torch.softmax((x - self.b_router) @ self.W_router.T, dim=-1)
+        if self.cfg.router == "moex":  # type: ignore[attr-defined]
+            return torch.softmax(self.mask_shared_expert(self.moex_router_logits(x)), dim=-1)
+        return torch.softmax(self.mask_shared_expert((x - self.b_router) @ self.W_router.T), dim=-1)
 
     def forward(self, x: Tensor) -> SAEOutput:
         cfg: SwitchConfig = self.cfg  # type: ignore[assignment]
         probs = self.router_probs(x)
         top_prob, top_expert = probs.max(dim=-1)
+        # The gate is the router probability (the original design); with moex there is no router
+        # to train through it, so the routed expert is ungated (weight 1).
+        gate = top_prob if cfg.router == "learned" else torch.ones_like(top_prob)
+        if cfg.shared_expert:
+            return self._forward_with_shared_expert(x, probs, top_expert, gate)
         pre = dispatch_experts(
             x - self.b_dec, top_expert[:, None], lambda ids: self.W_enc[ids], None, cfg.num_experts, cfg.dispatch
         )[:, 0]  # [B, m]
         values, local = torch.relu(pre).topk(cfg.k, dim=-1, sorted=False)
-        values = values * top_prob[:, None]
+        values = values * gate[:, None]
         indices = top_expert[:, None] * cfg.expert_size + local
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}
-        if cfg.balance_coefficient > 0:
+        if cfg.balance_coefficient > 0 and cfg.router == "learned":
             losses["load_balance"] = cfg.balance_coefficient * cfg.d_in * load_balance_loss(probs, top_expert)
-        extras = {"router_probs": probs, "selected_experts": top_expert[:, None], "gate_weights": top_prob[:, None]}
+        extras = {"router_probs": probs, "selected_experts": top_expert[:, None], "gate_weights": gate[:, None]}
+        return SAEOutput(x_hat=x_hat, losses=losses, top_values=values, top_indices=indices, extras=extras)
+
+    def _forward_with_shared_expert(self, x: Tensor, probs: Tensor, top_expert: Tensor, gate: Tensor) -> SAEOutput:
+        """Routed expert (gated) + the always-on expert (weight 1); TopK_k over their 2·m candidates."""
+        cfg: SwitchConfig = self.cfg  # type: ignore[assignment]
+        experts = torch.stack([top_expert, torch.full_like(top_expert, SHARED_EXPERT)], 1)  # [B, 2]
+        gates = torch.stack([gate, torch.ones_like(gate)], 1)
+        pre = dispatch_experts(
+            x - self.b_dec, experts, lambda ids: self.W_enc[ids], None, cfg.num_experts, cfg.dispatch
+        )  # [B, 2, m]
+        candidates = (torch.relu(pre) * gates[:, :, None]).flatten(1)
+        values, candidate_idx = candidates.topk(cfg.k, dim=-1, sorted=False)
+        indices = self._global_ids(candidate_idx, experts)
+        x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
+        losses = {"mse": reconstruction_mse(x, x_hat)}
+        if cfg.balance_coefficient > 0 and cfg.router == "learned":
+            losses["load_balance"] = cfg.balance_coefficient * cfg.d_in * self.routed_balance_loss(probs, top_expert)
+        extras = {"router_probs": probs, "selected_experts": experts, "gate_weights": gates}
         return SAEOutput(x_hat=x_hat, losses=losses, top_values=values, top_indices=indices, extras=extras)

@@ -1,0 +1,87 @@
+"""BatchTopK SAE (Bussmann et al. 2024) = Mutual Choice SAE (Ayonrinde 2024): one implementation,
+registered under both names.
+
+Parameters (checkpoint names and shapes): those of TopK (W_enc, b_enc, W_dec, b_dec,
+tokens_since_fired) plus the buffer ``threshold`` [] — the global inference threshold θ.
+
+π = ReLU(W_enc (x − b_dec) + b_enc)  [B, M].
+- **Training** (``self.training``): keep the k·B largest entries of the whole B × M matrix, so
+  tokens share one budget and a token may get more or fewer than k latents (its code depends on
+  the batch). θ tracks the smallest kept value: θ ← β θ + (1 − β) min(kept > 0), β = threshold_decay
+  (θ starts at the first batch's value, set in ``init_from_batch``).
+- **Inference** (eval mode): z = π · 1[π > θ], per token, no batch dependence; on data like the
+  training data the mean L0 is ≈ k.
+x̂ = W_decᵀ z + b_dec (dense decode: the count per token varies). AuxK for dead latents as in TopK.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import SAEOutput, _check, geometric_median, reconstruction_mse
+from .registry import register
+from .topk import TopKConfig, TopKSAE, auxk_loss
+
+
+def batch_topk_mask(scores: Tensor, budget: int) -> Tensor:
+    """Boolean mask of the ``budget`` largest entries of the whole ``scores`` matrix."""
+    flat = scores.flatten()
+    budget = min(budget, flat.numel())
+    idx = flat.topk(budget, sorted=False).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter(0, idx, True).view_as(scores)
+
+
+@torch.no_grad()
+def update_threshold(threshold: Tensor, kept_values: Tensor, decay: float) -> None:
+    """EMA of the smallest positive kept value; a negative threshold means 'not yet set'."""
+    positive = kept_values[kept_values > 0]
+    if positive.numel() == 0:
+        return
+    smallest = positive.min().to(threshold.dtype)
+    if float(threshold) < 0:
+        threshold.copy_(smallest)
+    else:
+        threshold.mul_(decay).add_((1 - decay) * smallest)
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    threshold_decay: float = 0.99
+    """β: EMA decay of the inference threshold θ (per training step)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 <= self.threshold_decay < 1, "threshold_decay", f"must be in [0, 1), got {self.threshold_decay!r}")
+
+
+@register("batchtopk", "mutual_choice")
+class BatchTopKSAE(TopKSAE):
+    config_class = BatchTopKConfig
+
+    def __init__(self, cfg: BatchTopKConfig) -> None:
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.full((), -1.0))
+
+    @torch.no_grad()
+    def init_from_batch(self, x: Tensor) -> None:
+        self.b_dec.copy_(geometric_median(x).to(self.b_dec.dtype))
+        pre = self.pre_activations(x)
+        update_threshold(self.threshold, pre[batch_topk_mask(pre, self.cfg.k * x.shape[0])], 0.0)
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        cfg: BatchTopKConfig = self.cfg  # type: ignore[assignment]
+        pre = self.pre_activations(x)
+        if self.training:
+            keep = batch_topk_mask(pre, cfg.k * x.shape[0])
+            update_threshold(self.threshold, pre.detach()[keep], cfg.threshold_decay)
+        else:
+            keep = pre > self.threshold.clamp_min(0)
+        z = pre * keep.to(pre.dtype)
+        x_hat = self.decode(z)
+        losses = {"mse": reconstruction_mse(x, x_hat)}
+        if self.training and cfg.aux_coefficient > 0:
+            aux_k = cfg.aux_k or max(1, cfg.d_in // 2)
+            losses["auxk"] = cfg.aux_coefficient * auxk_loss(x, x_hat, pre, self.dead_mask(), aux_k, self.W_dec)
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=z)

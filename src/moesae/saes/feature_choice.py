@@ -1,0 +1,143 @@
+"""Feature Choice SAE (Ayonrinde 2024): features choose tokens. Each feature j keeps at most m_j
+tokens of the batch, with uniform or Zipf-distributed capacities, plus the ``aux_zipf`` loss.
+
+Parameters (checkpoint names and shapes): those of TopK (W_enc, b_enc, W_dec, b_dec,
+tokens_since_fired) plus buffers ``thresholds`` [M] (per-feature inference thresholds θ_j) and
+``firing_density`` [M] (EMA of each feature's measured firing density d_j).
+
+Capacities for a batch of B tokens, weights w_j = (j + 1)^(−s) (s = zipf_exponent for ``zipf``,
+s = 0 for ``uniform``):  m_j = clamp(round(k · B · w_j / Σ_i w_i), 1, B), so Σ_j m_j ≈ k·B
+(mean L0 ≈ k) and the expected firing density of feature j is ρ_j = min(1, k · w_j / Σ_i w_i).
+Features are ranked by index; training decides which feature becomes frequent.
+
+π = ReLU(W_enc (x − b_dec) + b_enc)  [B, M].
+- **Training**: feature j keeps its m_j largest positive entries of column j (never more); its
+  batch threshold t_j is the m_j-th largest value of the column (0 when fewer are positive), and
+  θ_j ← β θ_j + (1 − β) t_j (β = threshold_decay).
+- **Inference** (eval mode): z_j = π_j · 1[π_j > θ_j], per token, no batch dependence.
+
+**aux_zipf** (our design; the published formula is not public). With d_j ← β_d d_j + (1 − β_d) ·
+(share of the batch's tokens on which j fired) and the under-firing set
+U = {j : d_j < τ ρ_j}  (τ = aux_zipf_fraction),
+    L_aux_zipf = α · ‖e − Σ_{j ∈ TopK_{k_aux}(π restricted to U)} π_j W_dec,j‖² / ‖e − ē‖²,
+with e = x − x̂ (stop-gradient), ē its batch mean, α = aux_zipf_coefficient, k_aux = aux_k (d/2).
+It is AuxK (Gao et al.) with "dead" replaced by "firing below τ times its Zipf-expected density":
+with uniform capacities and d_j = 0 it is exactly AuxK over never-firing features; with Zipf
+capacities it also revives a frequent-rank feature that fires far less than its rank promises.
+d_j starts at ρ_j (no feature counts as under-firing before it has been observed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import SAEOutput, _check, geometric_median, reconstruction_mse
+from .registry import register
+from .topk import TopKConfig, TopKSAE, auxk_loss
+
+CAPACITIES = ("uniform", "zipf")
+
+
+def capacity_weights(num_latents: int, capacity: str, zipf_exponent: float) -> Tensor:
+    """w_j: 1 for uniform capacities, (j + 1)^(−s) for Zipf."""
+    if capacity == "uniform":
+        return torch.ones(num_latents)
+    return torch.arange(1, num_latents + 1, dtype=torch.float64).pow(-zipf_exponent).float()
+
+
+def feature_capacities(weights: Tensor, k: int, batch_size: int) -> Tensor:
+    """m_j = clamp(round(k · B · w_j / Σ w), 1, B) as a LongTensor [M]."""
+    raw = k * batch_size * weights.double() / weights.double().sum()
+    return raw.round().clamp(1, batch_size).long()
+
+
+def expected_density(weights: Tensor, k: int) -> Tensor:
+    """ρ_j = min(1, k · w_j / Σ w): the share of tokens feature j is expected to fire on."""
+    return (k * weights / weights.sum()).clamp(max=1.0)
+
+
+def feature_choice_mask(pre: Tensor, capacities: Tensor) -> tuple[Tensor, Tensor]:
+    """Keep, per column j, the ``capacities[j]`` largest positive entries.
+
+    Returns the boolean keep mask ``[B, M]`` and each column's batch threshold t_j (its m_j-th
+    largest value, 0 when the column has fewer positive entries).
+    """
+    B = pre.shape[0]
+    sorted_vals, order = pre.sort(dim=0, descending=True)
+    rank_ok = torch.arange(B, device=pre.device)[:, None] < capacities[None, :].to(pre.device)
+    keep_sorted = rank_ok & (sorted_vals > 0)
+    keep = torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)
+    batch_threshold = sorted_vals.gather(0, (capacities.to(pre.device) - 1).clamp(max=B - 1)[None, :])[0]
+    return keep, batch_threshold.clamp_min(0)
+
+
+@dataclass
+class FeatureChoiceConfig(TopKConfig):
+    capacity: str = "uniform"
+    """How the k·B token slots are shared among features: uniform | zipf."""
+    zipf_exponent: float = 1.0
+    """s in w_j = (j + 1)^(−s) for Zipf capacities."""
+    threshold_decay: float = 0.99
+    """β: EMA decay of the per-feature inference thresholds."""
+    density_decay: float = 0.99
+    """β_d: EMA decay of the measured firing densities d_j."""
+    aux_zipf_fraction: float = 0.1
+    """τ: a feature is under-firing when d_j < τ · ρ_j."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.capacity in CAPACITIES, "capacity", f"must be one of {CAPACITIES}, got {self.capacity!r}")
+        _check(self.zipf_exponent >= 0, "zipf_exponent", "must be non-negative")
+        _check(0 <= self.threshold_decay < 1, "threshold_decay", "must be in [0, 1)")
+        _check(0 <= self.density_decay < 1, "density_decay", "must be in [0, 1)")
+        _check(0 < self.aux_zipf_fraction <= 1, "aux_zipf_fraction", "must be in (0, 1]")
+
+
+@register("feature_choice")
+class FeatureChoiceSAE(TopKSAE):
+    """``aux_coefficient`` (inherited) weights the aux_zipf loss; ``aux_k`` its k_aux."""
+
+    config_class = FeatureChoiceConfig
+
+    def __init__(self, cfg: FeatureChoiceConfig) -> None:
+        super().__init__(cfg)
+        weights = capacity_weights(cfg.num_latents, cfg.capacity, cfg.zipf_exponent)
+        self.register_buffer("capacity_weights", weights, persistent=False)
+        rho = expected_density(weights, cfg.k)
+        self.register_buffer("expected_density", rho, persistent=False)
+        self.register_buffer("thresholds", torch.zeros(cfg.num_latents))
+        self.register_buffer("firing_density", rho.clone())
+
+    def capacities(self, batch_size: int) -> Tensor:
+        return feature_capacities(self.capacity_weights, self.cfg.k, batch_size)
+
+    @torch.no_grad()
+    def init_from_batch(self, x: Tensor) -> None:
+        self.b_dec.copy_(geometric_median(x).to(self.b_dec.dtype))
+        _, t = feature_choice_mask(self.pre_activations(x), self.capacities(x.shape[0]))
+        self.thresholds.copy_(t)
+
+    def under_firing(self) -> Tensor:
+        """Boolean [M]: features firing below aux_zipf_fraction times their expected density."""
+        return self.firing_density < self.cfg.aux_zipf_fraction * self.expected_density  # type: ignore[attr-defined]
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        cfg: FeatureChoiceConfig = self.cfg  # type: ignore[assignment]
+        pre = self.pre_activations(x)
+        if self.training:
+            keep, batch_threshold = feature_choice_mask(pre.detach(), self.capacities(x.shape[0]))
+            with torch.no_grad():
+                self.thresholds.mul_(cfg.threshold_decay).add_((1 - cfg.threshold_decay) * batch_threshold)
+                fired = keep.float().mean(0)
+                self.firing_density.mul_(cfg.density_decay).add_((1 - cfg.density_decay) * fired)
+        else:
+            keep = pre > self.thresholds
+        z = pre * keep.to(pre.dtype)
+        x_hat = self.decode(z)
+        losses = {"mse": reconstruction_mse(x, x_hat)}
+        if self.training and cfg.aux_coefficient > 0:
+            aux_k = cfg.aux_k or max(1, cfg.d_in // 2)
+            losses["aux_zipf"] = cfg.aux_coefficient * auxk_loss(x, x_hat, pre, self.under_firing(), aux_k, self.W_dec)
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=z)

@@ -1,0 +1,61 @@
+"""Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs").
+
+Parameters (checkpoint names and shapes):
+  W_enc [M, d]  shared encoder directions;  r_mag [M] per-feature log-rescale of the magnitude path;
+  b_gate [M], b_mag [M];  W_dec [M, d], b_dec [d];
+  buffers input_scale, log_sparsity_coefficient, calibration_step, tokens_since_fired (relu.py).
+
+π_gate = W_enc (x − b_dec) + b_gate;   π_mag = exp(r_mag) ⊙ W_enc (x − b_dec) + b_mag;
+z = 1[π_gate > 0] ⊙ ReLU(π_mag);   x̂ = W_decᵀ z + b_dec.
+loss = ‖x − x̂‖² + λ · s · Σ_j ReLU(π_gate,j) ‖W_dec,j‖ + ‖x − (W_decᵀ ReLU(π_gate) + b_dec)_frozen‖²
+(batch means). The last, auxiliary term decodes the gate path with a stop-gradient copy of the
+decoder, so the gate learns to reconstruct without the L1 shrinking the magnitudes. λ is
+calibrated towards L0 = k unless set (relu.py); L0 is the number of open gates.
+Gate biases start so that about k gates per token open on the first batch; b_mag, r_mag start at 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import SAEOutput, reconstruction_mse
+from .registry import register
+from .relu import CoefficientSparsityConfig, CoefficientSparsitySAE
+
+
+@dataclass
+class GatedConfig(CoefficientSparsityConfig):
+    pass
+
+
+@register("gated")
+class GatedSAE(CoefficientSparsitySAE):
+    config_class = GatedConfig
+
+    def __init__(self, cfg: GatedConfig) -> None:
+        super().__init__(cfg)
+        M = cfg.num_latents
+        self.r_mag = nn.Parameter(torch.zeros(M))
+        self.b_gate = nn.Parameter(torch.zeros(M))
+        self.b_mag = nn.Parameter(torch.zeros(M))
+
+    def init_biases(self, quantile: Tensor) -> None:
+        self.b_gate.fill_(-float(quantile))
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        projection = self.encoder_projection(x)
+        pi_gate = projection + self.b_gate
+        pi_mag = self.r_mag.exp() * projection + self.b_mag
+        gate_open = pi_gate > 0
+        z = gate_open.to(x.dtype) * torch.relu(pi_mag)
+        x_hat = self.decode(z)
+        losses = {"mse": reconstruction_mse(x, x_hat)}
+        gate_acts = torch.relu(pi_gate)
+        losses["l1"] = self.sparsity_coefficient() * self.input_scale * (gate_acts * self.decoder_norms()).sum(1).mean()
+        if self.training:
+            x_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+            losses["aux_gate"] = reconstruction_mse(x, x_gate)
+        self.calibrate(gate_open.sum(1).float().mean())
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=z)

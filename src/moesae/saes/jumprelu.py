@@ -1,0 +1,116 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"): learned per-feature thresholds,
+straight-through estimator, L0 penalty.
+
+Parameters (checkpoint names and shapes):
+  W_enc [M, d], b_enc [M];  log_threshold [M] (θ = exp(log_threshold) > 0);
+  W_dec [M, d], b_dec [d];  buffers input_scale, log_sparsity_coefficient, calibration_step,
+  tokens_since_fired (see relu.py).
+
+π = W_enc (x − b_dec) + b_enc;  z = π · H(π − θ);  x̂ = W_decᵀ z + b_dec;
+loss = ‖x − x̂‖² + λ · s² · Σ_j H(π_j − θ_j)   (batch means; λ calibrated towards L0 = k unless
+set, see relu.py).
+
+The step H has no useful gradient, so θ learns through the paper's pseudo-derivatives with a
+rectangle kernel K of bandwidth ε = bandwidth · s:
+  ∂z_j/∂θ_j := −(θ_j/ε) K((π_j − θ_j)/ε),   ∂H(π_j − θ_j)/∂θ_j := −(1/ε) K((π_j − θ_j)/ε),
+and π gets the ordinary gradient where the feature fires (none from the L0 term).
+Thresholds start at the value that gives L0 ≈ k on the first batch (the paper starts at 0.001 on
+normalised inputs; with our short runs a threshold that must climb from ~0 never arrives).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import SAEOutput, _check, reconstruction_mse
+from .registry import register
+from .relu import CoefficientSparsityConfig, CoefficientSparsitySAE
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold).to(pre.dtype)
+        grad_threshold = (-(threshold / eps) * _rectangle((pre - threshold) / eps) * grad).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_threshold = (-(1.0 / eps) * _rectangle((pre - threshold) / eps) * grad).sum(0)
+        return torch.zeros_like(pre), grad_threshold, None
+
+
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """``pre · H(pre − threshold)`` with the straight-through gradient for ``threshold``."""
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def step(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """``H(pre − threshold)`` with the straight-through gradient for ``threshold``."""
+    return _Step.apply(pre, threshold, bandwidth)
+
+
+@dataclass
+class JumpReLUConfig(CoefficientSparsityConfig):
+    initial_sparsity_coefficient: float = 1e-3
+    """Starting λ for the calibration (the L0 penalty needs a much smaller λ than L1)."""
+    bandwidth: float = 0.05
+    """Kernel width ε of the straight-through estimator, in units of the input scale s."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.bandwidth > 0, "bandwidth", f"must be positive, got {self.bandwidth!r}")
+
+
+@register("jumprelu")
+class JumpReLUSAE(CoefficientSparsitySAE):
+    config_class = JumpReLUConfig
+
+    def __init__(self, cfg: JumpReLUConfig) -> None:
+        super().__init__(cfg)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.num_latents))
+        self.log_threshold = nn.Parameter(torch.full((cfg.num_latents,), math.log(1e-3)))
+
+    def init_biases(self, quantile: Tensor) -> None:
+        self.log_threshold.fill_(math.log(max(float(quantile), 1e-6)))
+
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        cfg: JumpReLUConfig = self.cfg  # type: ignore[assignment]
+        pre = self.encoder_projection(x) + self.b_enc
+        theta = self.threshold()
+        eps = cfg.bandwidth * float(self.input_scale)
+        z = jumprelu(pre, theta, eps)
+        x_hat = self.decode(z)
+        losses = {"mse": reconstruction_mse(x, x_hat)}
+        l0 = step(pre, theta, eps).sum(1).mean()
+        losses["l0"] = self.sparsity_coefficient() * self.input_scale**2 * l0
+        self.calibrate(l0.detach())
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=z)
