@@ -5,6 +5,9 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 VENV_BIN := .venv/bin
+# Stage commands in dvc.yaml (moesae, papermill) come from the environment.
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+export MPLBACKEND := Agg
 
 .PHONY: env reproduce test test-fast benchmark clean-results
 

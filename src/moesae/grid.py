@@ -60,8 +60,9 @@ def expand_grid(spec: GridSpec) -> dict[str, dict[str, Any]]:
     for family, fam in spec.families.items():
         fam = dict(fam)
         fraction = fam.pop("width_fraction", 1)
+        family_l0 = fam.pop("l0", spec.l0)  # a family may run at fewer L0 values (e.g. extensions)
         num_latents = int(round(spec.num_latents * float(fraction)))
-        for k in spec.l0:
+        for k in family_l0:
             for seed in spec.seeds:
                 cfg = {"family": family, **fam, "num_latents": num_latents, "k": k, "seed": seed}
                 if k > _max_k(cfg):
@@ -77,11 +78,14 @@ def expand_grid(spec: GridSpec) -> dict[str, dict[str, Any]]:
 
 
 def _max_k(cfg: dict[str, Any]) -> int:
+    """The largest k a family can keep: the width of the candidates its global TopK sees."""
     M = cfg["num_latents"]
+    shared = int(bool(cfg.get("shared_expert", False)))
     if cfg["architecture"] in {"switch"}:
-        return M // cfg["num_experts"]
+        return M // cfg["num_experts"] * (1 + shared)
     if cfg["architecture"] in {"scale", "authors_switch"}:
-        return M // cfg["num_experts"] * cfg.get("active_experts", 1 if cfg["architecture"] == "authors_switch" else 2)
+        default_e = 1 if cfg["architecture"] == "authors_switch" else 2
+        return M // cfg["num_experts"] * (cfg.get("active_experts", default_e) + shared)
     return M
 
 
