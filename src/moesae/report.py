@@ -1,0 +1,224 @@
+"""``moesae report``: ``reports/index.html``, the one page a researcher reads first.
+
+It says which profile and data produced the run, how long each stage took, whether each of the
+paper's headline claims holds here (computed from ``results/`` by :mod:`moesae.claims`), and shows
+every figure with its caption and Table 1. The page is self-contained: figures are embedded as
+base64 data URIs, styles are inline, there is no script and nothing is fetched from the network;
+the only links are relative ones to the executed notebooks in ``reports/html/`` (emitted only when
+that file exists, so every link resolves).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import claims as claims_mod
+from . import plotting
+from .timing import read_timings
+
+PAPER_REFERENCE_LABEL = "Paper (reference only: GPT-2 small, M = 24576; a different model and scale)"
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2rem auto; max-width: 1200px;
+       padding: 0 1rem; color: #222; line-height: 1.45; }
+h1 { margin-bottom: .2rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2.2rem; }
+table { border-collapse: collapse; font-size: .85rem; margin: .6rem 0; }
+th, td { border: 1px solid #ddd; padding: .25rem .5rem; vertical-align: top; }
+th { background: #f4f6f8; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.holds { color: #1a7f37; font-weight: 600; } .fails { color: #cf222e; font-weight: 600; } .na { color: #777; }
+.note { color: #555; font-size: .8rem; }
+figure { margin: 1.2rem 0 2rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: .9rem; color: #333; max-width: 60rem; }
+.missing { background: #fff7e6; border: 1px solid #e0a030; padding: .8rem; border-radius: 6px; }
+.meta td:first-child { font-weight: 600; background: #fafafa; }
+.scroll { overflow-x: auto; }
+code { font-size: .8rem; }
+"""
+
+
+# ---- reading the run ----------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _profile(params_path: Path) -> str:
+    from .params import load_params
+
+    try:
+        return str(load_params(params_path).get("profile", "unknown"))
+    except ValueError:
+        return "unknown (no params.yaml)"
+
+
+# ---- small HTML helpers ----------------------------------------------------------------------------------
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _summary(value: Any, limit: int = 400) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _meta_table(data: dict[str, Any] | None, missing: str) -> str:
+    if not data:
+        return f'<p class="na">{esc(missing)}</p>'
+    rows = "".join(f"<tr><td>{esc(k)}</td><td><code>{esc(_summary(v))}</code></td></tr>" for k, v in data.items())
+    return f'<table class="meta">{rows}</table>'
+
+
+def claims_html(rows: list[dict], profile: str) -> str:
+    paper_head = "Paper" if profile == "paper" else PAPER_REFERENCE_LABEL
+    out = [f"<table><tr><th>Claim</th><th>{esc(paper_head)}</th><th>This run ({esc(profile)})</th><th>Holds here?</th><th>How it was computed</th></tr>"]
+    for r in rows:
+        holds = r["holds"]
+        verdict = ('<span class="holds">yes</span>' if holds is True else '<span class="fails">no</span>' if holds is False
+                   else '<span class="na">not computable</span>')
+        out.append(
+            f"<tr><td>{esc(r['claim'])} <span class=\"note\">({esc(r['source'])})</span></td>"
+            f"<td class=\"num\" title=\"{esc(r.get('paper_note', ''))}\">{esc(claims_mod.format_value(r['paper_value'], r['unit']))}</td>"
+            f"<td class=\"num\">{esc(claims_mod.format_value(r['our_value'], r['unit']))}</td>"
+            f"<td>{verdict}</td><td class=\"note\">{esc(r['note'])}"
+            f"<br>paper: {esc(r.get('paper_note', ''))}</td></tr>"
+        )
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def timings_html(timings: list[dict]) -> str:
+    if not timings:
+        return '<p class="na">No stage timings recorded (results/timings/ is empty): not available.</p>'
+    total = sum(t["seconds"] for t in timings)
+    rows = "".join(
+        f"<tr><td>{esc(t['stage'])}</td><td class=\"num\">{t['seconds']:,.1f}</td><td>{esc(t['finished_at'])}</td></tr>"
+        for t in timings
+    )
+    return (f"<table><tr><th>Stage</th><th>Seconds</th><th>Finished (UTC)</th></tr>{rows}"
+            f"<tr><th>total</th><th class=\"num\">{total:,.1f}</th><th>{total / 60:,.1f} min</th></tr></table>")
+
+
+def figure_html(name: str, figures_dir: Path, html_dir: Path, out_dir: Path) -> str:
+    title, caption = plotting.FIGURES[name]
+    png = figures_dir / f"{name}.png"
+    if png.is_file():
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        body = f'<img alt="{esc(title)}" src="data:image/png;base64,{data}">'
+    else:
+        body = (f'<div class="missing">Figure not produced: {esc(png.as_posix())} does not exist. '
+                f"Run <code>dvc repro</code> to execute notebooks/{esc(name)}.ipynb.</div>")
+    notebook = html_dir / f"{name}.html"
+    link = ""
+    if notebook.is_file():
+        href = os.path.relpath(notebook, out_dir).replace(os.sep, "/")
+        link = f' <a href="{esc(href)}">Notebook</a>.'
+    return f'<figure id="{esc(name)}">{body}<figcaption><b>{esc(title)}.</b> {esc(caption)}{link}</figcaption></figure>'
+
+
+def table1_html(metrics: pd.DataFrame) -> str:
+    table = plotting.format_table1(plotting.table1(metrics))
+    head = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
+    body = []
+    for _, row in table.iterrows():
+        cells = "".join((f'<td class="num">{esc(v)}</td>' if i >= 5 else f"<td>{esc(v)}</td>")
+                        for i, v in enumerate(row.values))
+        body.append(f"<tr>{cells}</tr>")
+    return f'<div class="scroll"><table><tr>{head}</tr>{"".join(body)}</table></div>'
+
+
+# ---- the page ----------------------------------------------------------------------------------------------
+def build_report(root: str | Path = ".", out: str | Path | None = None, results_dir: str | Path = "results",
+                 reports_dir: str | Path = "reports", params_path: str | Path = "params.yaml") -> Path:
+    """Write the report for the run rooted at ``root`` and return its path."""
+    root = Path(root)
+    results = root / results_dir
+    reports = root / reports_dir
+    out = Path(out) if out is not None else reports / "index.html"
+    profile = _profile(root / params_path)
+    metrics = plotting.load_metrics(results)
+    paper = plotting.paper_frame()
+    claim_rows = claims_mod.claims_table(metrics, paper)
+    manifest = _read_json(root / "data" / "corpus" / "manifest.json")
+    subject = _read_json(results / "subject_model.json")
+    timings = read_timings(results)
+    n_variants = len(metrics)
+    seeds = sorted(pd.to_numeric(metrics.get("seed", pd.Series([0])), errors="coerce").dropna().astype(int).unique())
+
+    figures = [n for n in plotting.FIGURES if n != "table1_configurations"]
+    fig_html = "\n".join(figure_html(n, reports / "figures", reports / "html", out.parent) for n in figures)
+    t1_link = ""
+    if (reports / "html" / "table1_configurations.html").is_file():
+        href = os.path.relpath(reports / "html" / "table1_configurations.html", out.parent).replace(os.sep, "/")
+        t1_link = f' <a href="{esc(href)}">Notebook</a>.'
+    scale_note = ("" if profile == "paper" else
+                  f"<p class=\"note\">This run uses the <b>{esc(profile)}</b> profile: a different subject model and a much "
+                  "smaller scale than the paper. The paper's numbers are shown for reference only; whether a claim "
+                  "holds is judged on this run's own numbers (the direction of each effect).</p>")
+    generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>moesae report · profile {esc(profile)}</title>
+<style>{CSS}</style></head>
+<body>
+<h1>Scale SAE replication: report</h1>
+<p class="note">Replication of “Beyond Redundancy: Diverse and Specialized Multi-Expert Sparse Autoencoder”
+(Xu et al., arXiv 2511.05745) with Switch SAE and TopK baselines. Generated {esc(generated)} by <code>moesae report</code>.</p>
+<p><a href="#provenance">Provenance</a> · <a href="#claims">Claims</a> · <a href="#timings">Run time</a> ·
+<a href="#figures">Figures</a> · <a href="#table1">Table 1</a></p>
+
+<h2 id="provenance">What produced this run</h2>
+<table class="meta">
+<tr><td>profile</td><td><b>{esc(profile)}</b> (params.yaml)</td></tr>
+<tr><td>configurations evaluated</td><td>{n_variants} (seeds: {esc(", ".join(map(str, seeds)) or "–")})</td></tr>
+</table>
+<h3>Data (data/corpus/manifest.json)</h3>
+{_meta_table(manifest, "not available: data/corpus/manifest.json is missing")}
+<h3>Subject model (results/subject_model.json)</h3>
+{_meta_table(subject, "not available: results/subject_model.json is missing")}
+
+<h2 id="claims">The paper's headline claims in this run</h2>
+{scale_note}
+{claims_html(claim_rows, profile)}
+
+<h2 id="timings">Run time per stage</h2>
+{timings_html(timings)}
+
+<h2 id="figures">Figures</h2>
+{fig_html}
+
+<h2 id="table1">Table 1 · Configurations</h2>
+<p>{esc(plotting.FIGURES["table1_configurations"][1])}{t1_link}</p>
+{table1_html(metrics)}
+</body></html>
+"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moesae report", description="Build reports/index.html from results/")
+    parser.add_argument("--root", default=".", help="the run's root folder (holds params.yaml, results/, reports/)")
+    parser.add_argument("--out", default=None, help="output file (default: <root>/reports/index.html)")
+    args = parser.parse_args(argv)
+    from .timing import record
+
+    with record("report", Path(args.root) / "results"):
+        path = build_report(args.root, args.out)
+    print(f"[report] wrote {path}")
+    return 0
