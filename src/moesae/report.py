@@ -138,6 +138,58 @@ def table1_html(metrics: pd.DataFrame) -> str:
     return f'<div class="scroll"><table><tr>{head}</tr>{"".join(body)}</table></div>'
 
 
+SYNTHETIC_TITLE = "Ground-truth benchmark: feature recovery vs L0"
+SYNTHETIC_CAPTION = (
+    "Every architecture trained on synthetic activations built from a known dictionary (moesae synthetic). "
+    "Recovery is measured against the true features: Hungarian-matched cosine, fraction of true features "
+    "recovered at cos >= 0.9 and detection F1; error bars are the spread over seeds."
+)
+
+
+def synthetic_html(results: Path, figures_dir: Path, html_dir: Path, out_dir: Path) -> str:
+    """The ground-truth benchmark: its figure, the ranking with seed spread, and the best family."""
+    summary = _read_json(results / "synthetic" / "summary.json")
+    png = figures_dir / "synthetic_recovery.png"
+    if png.is_file():
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        body = f'<img alt="{esc(SYNTHETIC_TITLE)}" src="data:image/png;base64,{data}">'
+    else:
+        body = ('<div class="missing">Figure not produced: reports/figures/synthetic_recovery.png does not exist. '
+                "Run <code>dvc repro figure_synthetic</code>.</div>")
+    link = ""
+    if (html_dir / "synthetic_recovery.html").is_file():
+        href = os.path.relpath(html_dir / "synthetic_recovery.html", out_dir).replace(os.sep, "/")
+        link = f' <a href="{esc(href)}">Notebook</a>.'
+    figure = (f'<figure id="synthetic_recovery">{body}<figcaption><b>{esc(SYNTHETIC_TITLE)}.</b> '
+              f"{esc(SYNTHETIC_CAPTION)}{link}</figcaption></figure>")
+    if not summary:
+        return figure + '<p class="na">Not available: results/synthetic/summary.json is missing.</p>'
+    metric = summary.get("ranking_metric", "matched_cosine")
+    ks = ", ".join(str(k) for k in summary.get("ranking_k", []))
+
+    def spread(r: dict) -> str:
+        return "–" if r.get("std") is None else f"{r['std']:.3f}"
+
+    rows = "".join(
+        f"<tr><td>{i + 1}</td><td>{esc(r['family'])}</td><td class=\"num\">{r['mean']:.3f}</td>"
+        f"<td class=\"num\">{spread(r)}</td></tr>"
+        for i, r in enumerate(summary.get("ranking", []))
+    )
+    chance = summary.get("chance", {})
+    chance_note = ""
+    if chance:
+        first = next(iter(chance.values()))
+        if isinstance(first, dict) and metric in first:
+            chance_note = f" A random decoder scores about {first[metric]:.3f} on this metric."
+    best = esc(summary.get("best_family", "–"))
+    return (
+        figure
+        + f"<p>Best at recovering the ground truth: <b>{best}</b> (ranked by {esc(metric)}, averaged over "
+        f"L0 = {esc(ks)} and seeds).{esc(chance_note)}</p>"
+        + f"<table><tr><th>rank</th><th>family</th><th>{esc(metric)} (mean)</th><th>std over seeds</th></tr>{rows}</table>"
+    )
+
+
 # ---- the page ----------------------------------------------------------------------------------------------
 def build_report(root: str | Path = ".", out: str | Path | None = None, results_dir: str | Path = "results",
                  reports_dir: str | Path = "reports", params_path: str | Path = "params.yaml") -> Path:
@@ -177,7 +229,7 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
 <p class="note">Replication of “Beyond Redundancy: Diverse and Specialized Multi-Expert Sparse Autoencoder”
 (Xu et al., arXiv 2511.05745) with Switch SAE and TopK baselines. Generated {esc(generated)} by <code>moesae report</code>.</p>
 <p><a href="#provenance">Provenance</a> · <a href="#claims">Claims</a> · <a href="#timings">Run time</a> ·
-<a href="#figures">Figures</a> · <a href="#table1">Table 1</a></p>
+<a href="#figures">Figures</a> · <a href="#table1">Table 1</a> · <a href="#synthetic">Ground truth</a></p>
 
 <h2 id="provenance">What produced this run</h2>
 <table class="meta">
@@ -202,6 +254,9 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
 <h2 id="table1">Table 1 · Configurations</h2>
 <p>{esc(plotting.FIGURES["table1_configurations"][1])}{t1_link}</p>
 {table1_html(metrics)}
+
+<h2 id="synthetic">Ground-truth benchmark</h2>
+{synthetic_html(results, reports / "figures", reports / "html", out.parent)}
 </body></html>
 """
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,13 @@ class SAEOutput:
         z = self.top_values.new_zeros(self.top_values.shape[0], num_latents)
         return z.scatter(1, self.top_indices, self.top_values)
 
+    def l0(self) -> Tensor:
+        """Mean number of non-zero latents per token (from the sparse code when there is one)."""
+        if self.top_values is not None:
+            return (self.top_values != 0).sum(1).float().mean()
+        assert self.latents is not None
+        return (self.latents != 0).sum(1).float().mean()
+
     def active_mask(self, num_latents: int) -> Tensor:
         """Boolean ``[batch, M]``: which latents are non-zero for each token."""
         return self.dense_code(num_latents) != 0
@@ -191,9 +198,12 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def update_dead_statistics(self, out: SAEOutput, batch_size: int) -> None:
-        fired = out.active_mask(self.cfg.num_latents).any(0)
         self.tokens_since_fired += batch_size
-        self.tokens_since_fired[fired] = 0
+        if out.top_indices is not None and out.top_values is not None:
+            # sparse codes: touch only the k fired ids per token, no [batch, M] mask
+            self.tokens_since_fired[out.top_indices[out.top_values != 0]] = 0
+        else:
+            self.tokens_since_fired[out.active_mask(self.cfg.num_latents).any(0)] = 0
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired >= self.cfg.dead_tokens_threshold

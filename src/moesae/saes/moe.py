@@ -201,8 +201,10 @@ def dispatch_experts(
             slot = slot_of_expert[sorted_experts]
         dest = torch.empty_like(order)
         dest[order] = slot * capacity + position  # padded row of each pair, in (token, rank) order
-        x_pairs = x.unsqueeze(1).expand(B, e, d).reshape(num_pairs, d)  # backward: a sum over e
-        padded = x.new_zeros(A * capacity, d).index_copy(0, dest, x_pairs).view(A, capacity, d)
+        # Under autocast the buffer is built in the matmul dtype (half the memory of fp32).
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+        x_pairs = x.to(dtype).unsqueeze(1).expand(B, e, d).reshape(num_pairs, d)  # backward: a sum over e
+        padded = x.new_zeros(A * capacity, d, dtype=dtype).index_copy(0, dest, x_pairs).view(A, capacity, d)
         if fuse_bias:
             bias = expert_bias if all_active else expert_bias.index_select(0, active_ids)  # type: ignore[union-attr]
             out = torch.baddbmm(bias[:, None, :], padded, W.transpose(1, 2))

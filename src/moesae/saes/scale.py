@@ -174,10 +174,12 @@ class ScaleSAE(MoESAE):
         if cfg.shared_expert:  # the always-on expert joins every token, ungated (weight 1)
             experts = torch.cat([routed, routed.new_full((routed.shape[0], 1), SHARED_EXPERT)], 1)
             weights = torch.cat([weights, weights.new_ones(weights.shape[0], 1)], 1)
+        # Feature Scaling is applied in output space inside the dispatch (Ŵ is never built).
         pre = dispatch_experts(
-            x - self.b_dec, experts, self.effective_encoders, self.b_enc, cfg.num_experts, cfg.dispatch
+            x - self.b_dec, experts, self.W_enc, self.b_enc, cfg.num_experts, cfg.dispatch,
+            omega=self.omega if cfg.feature_scaling != "none" else None, low_freq=self.low_frequency(),
         )  # [B, e, m]
-        candidates = (torch.relu(pre) * weights[:, :, None]).flatten(1)  # [B, e·m]
+        candidates = (torch.relu(pre) * weights[:, :, None].to(pre.dtype)).flatten(1)  # [B, e·m]
         values, candidate_idx = self.select_candidates(candidates)
         indices = self._global_ids(candidate_idx, experts)
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)

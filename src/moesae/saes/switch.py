@@ -61,7 +61,7 @@ class SwitchSAE(MoESAE):
         if cfg.shared_expert:
             return self._forward_with_shared_expert(x, probs, top_expert, gate)
         pre = dispatch_experts(
-            x - self.b_dec, top_expert[:, None], lambda ids: self.W_enc[ids], None, cfg.num_experts, cfg.dispatch
+            x - self.b_dec, top_expert[:, None], self.W_enc, None, cfg.num_experts, cfg.dispatch
         )[:, 0]  # [B, m]
         values, local = torch.relu(pre).topk(cfg.k, dim=-1, sorted=False)
         values = values * gate[:, None]
@@ -79,7 +79,7 @@ class SwitchSAE(MoESAE):
         experts = torch.stack([top_expert, torch.full_like(top_expert, SHARED_EXPERT)], 1)  # [B, 2]
         gates = torch.stack([gate, torch.ones_like(gate)], 1)
         pre = dispatch_experts(
-            x - self.b_dec, experts, lambda ids: self.W_enc[ids], None, cfg.num_experts, cfg.dispatch
+            x - self.b_dec, experts, self.W_enc, None, cfg.num_experts, cfg.dispatch
         )  # [B, 2, m]
         candidates = (torch.relu(pre) * gates[:, :, None]).flatten(1)
         values, candidate_idx = candidates.topk(cfg.k, dim=-1, sorted=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import SAE, SAEConfig, SAEOutput, _check, reconstruction_mse, sparse_decode
@@ -61,7 +62,7 @@ class TopKSAE(SAE):
         del self._initial_encoder
 
     def pre_activations(self, x: Tensor) -> Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc.T + self.b_enc)
+        return torch.relu(F.linear(x - self.b_dec, self.W_enc, self.b_enc))
 
     def forward(self, x: Tensor) -> SAEOutput:
         cfg: TopKConfig = self.cfg  # type: ignore[assignment]
