@@ -1,7 +1,7 @@
 """Every figure notebook executes under papermill against a run folder and saves its PNG.
 
-The run folder is the ``micro_results`` fixture (a micro ``dvc repro``, from tests/conftest.py)
-when it exists, else the synthetic run of tests/test_report.py.
+The run folder is the ``micro_results`` fixture (a micro run of every stage, tests/conftest.py):
+the figures are drawn from numbers a real run produced.
 """
 import json
 import os
@@ -17,13 +17,8 @@ NOTEBOOKS = [REPO / "notebooks" / f"{name}.ipynb" for name in NAMES]
 
 
 @pytest.fixture(scope="module")
-def run_root(request, tmp_path_factory):
-    try:
-        return Path(request.getfixturevalue("micro_results"))
-    except pytest.FixtureLookupError:
-        from test_report import write_synthetic_run
-
-        return write_synthetic_run(tmp_path_factory.mktemp("synthetic_run"))
+def run_root(micro_results):
+    return Path(micro_results)
 
 
 def test_every_figure_has_a_notebook():

@@ -1,0 +1,84 @@
+"""Shared fixtures. ``micro_results``: a whole micro run of the real pipeline, once per session.
+
+The micro run uses the same stage entry points as ``dvc repro`` (corpus → subject model →
+activations → train every grid variant → evaluate → collect → autointerp → synthetic) on a tiny
+profile, in a temporary folder laid out like the repository root after ``dvc repro``. Notebook
+and report tests execute against it, so every figure is drawn from numbers a real run produced.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The grid's structure at toy size: every family of the default profile, two L0 values.
+MICRO_OVERRIDES = {
+    "grid": {"num_latents": 512, "l0": [2, 8]},
+    "train": {"steps": 40, "batch_size": 256, "checkpoint_every": 0, "log_every": 10,
+              "dead_tokens_threshold": 5000},
+    "evaluate": {"batch_tokens": 1024, "max_tokens": 2048, "loss_batches": 4, "loss_batch_sequences": 4,
+                 "redundancy_subsets": 2, "max_probe_words": 24},
+    "autointerp": {"num_features": 8, "min_activations": 2, "bootstrap_samples": 50, "target_l0": 8},
+}
+MICRO_SYNTHETIC = {
+    "data": {"d_in": 8, "num_features": 16, "mean_l0": 2.0},
+    "num_latents": 32, "l0": [2], "seeds": [0, 1], "steps": 40, "batch_size": 64, "eval_tokens": 512,
+}
+
+
+def run_micro_pipeline(workdir: Path) -> Path:
+    """Run every non-notebook stage on the micro profile inside ``workdir``; returns ``workdir``."""
+    import yaml
+
+    from moesae import autointerp, evaluate, grid, synthetic
+    from moesae.testing import micro_params
+
+    params = micro_params(MICRO_OVERRIDES)
+    synth = dict(params.get("synthetic", {}))
+    synth.update({k: v for k, v in MICRO_SYNTHETIC.items() if k != "data"})
+    synth["data"] = {**synth.get("data", {}), **MICRO_SYNTHETIC["data"]}
+    synth["families"] = {name: fam for name, fam in synth.get("families", {}).items()
+                         if fam["architecture"] in {"topk", "scale", "switch"}}
+    params["synthetic"] = synth
+    profiles = workdir / "profiles"
+    profiles.mkdir(parents=True, exist_ok=True)
+    (profiles / "micro.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cwd = os.getcwd()
+    try:
+        os.chdir(workdir)
+        variants = grid.write_params_from_profile(profiles / "micro.yaml", "params.yaml")
+        _run_data_stages()
+        grid.train_variants(sorted(variants), "params.yaml", progress=False)  # one pass feeds them all
+        for name in sorted(variants):
+            evaluate.run_evaluation(name, "params.yaml", "results")
+        evaluate.collect("results", "params.yaml")
+        autointerp.run_stage("params.yaml", progress=False)
+        synthetic.main(["--params", "params.yaml", "--no-progress"])
+    finally:
+        os.chdir(cwd)
+    return workdir
+
+
+def _run_data_stages() -> None:
+    """The data stages on the params.yaml in the current folder (the entry points dvc calls)."""
+    from moesae import activations, corpus, subject_model
+
+    corpus.main(["--params", "params.yaml"])
+    subject_model.main(["--params", "params.yaml", "--no-progress"])
+    activations.main(["--params", "params.yaml", "--no-progress"])
+
+
+@pytest.fixture(scope="session")
+def micro_results(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("micro_run")
+    shutil.copytree(REPO / "notebooks", workdir / "notebooks")
+    return run_micro_pipeline(workdir)
