@@ -279,10 +279,12 @@ def stage(tmp_path, monkeypatch, world):
         bad.W_dec.fill_(math.nan)
     saes["scale_nan_k4"] = bad
 
-    def fake_inputs(params, variant, device):
-        return saes[variant], subject, readers, texts, {"tokens_per_second": 99.0}
+    import moesae.saes
+    import moesae.train
 
-    monkeypatch.setattr(ev, "_load_inputs", fake_inputs)
+    monkeypatch.setattr(ev, "load_shared_inputs", lambda params, device: {"subject": subject, "readers": readers, "texts": texts})
+    monkeypatch.setattr(moesae.saes, "load_sae", lambda folder: saes[folder.name])
+    monkeypatch.setattr(moesae.train, "read_train_log", lambda folder: ([], {"tokens_per_second": 99.0}))
     monkeypatch.chdir(tmp_path)
     _write_params(tmp_path / "params.yaml", {
         "topk_id_k8": {"family": "topk_id", "architecture": "topk", "k": 8},
@@ -294,7 +296,7 @@ def stage(tmp_path, monkeypatch, world):
 
 def test_stage_writes_json_and_failures_name_the_variant(stage, capsys):
     assert cli.main(["evaluate", "--variant", "topk_id_k8", "--no-progress"]) == 0
-    written = stage / "results" / "eval" / "topk_id_k8.json"
+    written = stage / "results" / "eval" / "topk_id" / "topk_id_k8.json"
     text = written.read_text()
     assert "NaN" not in text  # NaN is written as null: valid JSON
     data = json.loads(text)
@@ -305,8 +307,8 @@ def test_stage_writes_json_and_failures_name_the_variant(stage, capsys):
     assert cli.main(["evaluate", "--variant", "scale_nan_k4", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "scale_nan_k4" in err and "NaN" in err and "retrain" in err
-    assert not (stage / "results" / "eval" / "scale_nan_k4.json").exists()
-    assert not any(p.name.endswith(".tmp") for p in (stage / "results" / "eval").iterdir())
+    assert not (stage / "results" / "eval" / "scale_nan" / "scale_nan_k4.json").exists()
+    assert not any(p.name.endswith(".tmp") for p in (stage / "results" / "eval").rglob("*"))
     assert written.stat().st_mtime_ns == before  # the finished cell is untouched
 
     assert cli.main(["evaluate", "--variant", "nope", "--no-progress"]) == 1

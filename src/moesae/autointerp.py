@@ -67,7 +67,7 @@ FIG3D_FAMILIES = [
 ]
 EXTRA_ARCHITECTURES = ["gated", "relu", "jumprelu", "batchtopk", "matryoshka", "feature_choice", "moe_x"]
 RESULTS_DIR = Path("results/autointerp")
-MODELS_DIR = Path("models")
+MODELS_DIR = Path("models")  # SAEs live in models/<family>/<variant>/ (grid.model_dir)
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -995,6 +995,7 @@ def run_stage(params_path: str | Path = "params.yaml", backend_name: str | None 
     import torch
 
     from .activations import ActivationReader
+    from .grid import model_dir
     from .saes import load_sae
     from .subject_model import load_subject_model
 
@@ -1028,7 +1029,7 @@ def run_stage(params_path: str | Path = "params.yaml", backend_name: str | None 
     subject = load_subject_model(paths.get("subject_model", "models/subject"))
     saes = {}
     for name in selected:
-        saes[name] = load_sae(MODELS_DIR / name)
+        saes[name] = load_sae(model_dir(name, grid[name], MODELS_DIR))
         if saes[name].cfg.d_in != reader.d_model:
             raise ValueError(f"SAE {name} reads width {saes[name].cfg.d_in} but the cache has {reader.d_model}; retrain it")
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)

@@ -465,34 +465,37 @@ def write_json_atomic(path: Path, data: Any) -> Path:
     return path
 
 
-def _load_inputs(params: dict[str, Any], variant: str, device: torch.device):
-    """Load the SAE, subject model, activation readers, texts and training log from disk."""
+def load_shared_inputs(params: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """What every variant's evaluation reads: the subject model, held-out caches and texts.
+
+    Loaded once per process, so a family's variants are evaluated after one model load.
+    """
     from .activations import ActivationReader
     from .corpus import load_split
-    from .grid import MODELS_DIR
-    from .saes import load_sae
     from .subject_model import load_subject_model
-    from .train import read_train_log
 
     paths = params.get("paths") or {}
-    model_dir = MODELS_DIR / variant
-    sae = load_sae(model_dir).to(device)
-    try:
-        train_log = read_train_log(model_dir)[1]
-    except FileNotFoundError:
-        train_log = {}
     subject = load_subject_model(paths.get("subject_model", "models/subject"), device=str(device))
     activations = Path(paths.get("activations", "data/activations"))
     readers = {split: ActivationReader(activations / split) for split in SPLITS}
     corpus = Path(paths.get("corpus", "data/corpus"))
     texts = {split: load_split(corpus, split)["text"] for split in SPLITS}
-    return sae, subject, readers, texts, train_log
+    return {"subject": subject, "readers": readers, "texts": texts}
+
+
+def eval_path(variant: str, family: str, results_dir: str | Path = RESULTS_DIR) -> Path:
+    """``results/eval/<family>/<variant>.json``."""
+    return Path(results_dir) / EVAL_SUBDIR / family / f"{variant}.json"
 
 
 def run_evaluation(variant: str, params_path: str | Path = "params.yaml", results_dir: str | Path = RESULTS_DIR,
-                   progress: bool = True) -> Path:
-    """Evaluate one variant and write ``<results_dir>/eval/<variant>.json``. Any failure is
+                   progress: bool = True, shared: dict[str, Any] | None = None) -> Path:
+    """Evaluate one variant and write ``<results_dir>/eval/<family>/<variant>.json``. Any failure is
     re-raised naming the variant; other variants' results are never touched."""
+    from .grid import model_dir
+    from .saes import load_sae
+    from .train import read_train_log
+
     params = load_params(params_path)
     variants = params.get("variants") or {}
     if variant not in variants:
@@ -501,17 +504,26 @@ def run_evaluation(variant: str, params_path: str | Path = "params.yaml", result
             "(regenerate with `moesae profile <name>` after editing the grid)"
         )
     cfg = section_to(EvaluateConfig, params.get("evaluate"), "evaluate")
+    family = str(variants[variant].get("family", variant))
     try:
-        sae, subject, readers, texts, train_log = _load_inputs(params, variant, cfg.torch_device())
-        result = evaluate_sae(sae, subject, readers["heldout"], readers["cross"], texts, cfg, train_log, progress)
+        device = cfg.torch_device()
+        shared = shared or load_shared_inputs(params, device)
+        folder = model_dir(variant, variants[variant])
+        sae = load_sae(folder).to(device)
+        try:
+            train_log = read_train_log(folder)[1]
+        except FileNotFoundError:
+            train_log = {}
+        readers, texts = shared["readers"], shared["texts"]
+        result = evaluate_sae(sae, shared["subject"], readers["heldout"], readers["cross"], texts, cfg, train_log, progress)
         for key in ("mse_heldout", "mse_cross"):
             if not math.isfinite(result[key]):
                 raise RuntimeError(f"{key} is {result[key]}: training diverged; retrain this variant")
     except Exception as exc:  # name the variant; the grid's other cells are not touched
         kind = FileNotFoundError if isinstance(exc, FileNotFoundError) else ValueError if isinstance(exc, ValueError) else RuntimeError
         raise kind(f"variant '{variant}': {exc}") from exc
-    result = {"variant": variant, "family": variants[variant].get("family", ""), **result}
-    return write_json_atomic(Path(results_dir) / EVAL_SUBDIR / f"{variant}.json", result)
+    result = {"variant": variant, "family": family, **result}
+    return write_json_atomic(eval_path(variant, family, results_dir), result)
 
 
 def _scalar_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -544,7 +556,7 @@ def collect(results_dir: str | Path = RESULTS_DIR, params_path: str | Path | Non
     wanted: list[str] | None = None
     if params_path is not None and Path(params_path).is_file():
         wanted = list((load_params(params_path).get("variants") or {}).keys()) or None
-    files = sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []
+    files = sorted(eval_dir.rglob("*.json")) if eval_dir.is_dir() else []
     found = {p.stem: p for p in files}
     names = [n for n in wanted if n in found] if wanted is not None else sorted(found)
     missing = [n for n in wanted if n not in found] if wanted is not None else []
@@ -600,14 +612,28 @@ def _timing(stage: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moesae evaluate", description="Evaluate one trained SAE on held-out data")
-    parser.add_argument("--variant", required=True, help="variant name from params.yaml")
+    parser = argparse.ArgumentParser(prog="moesae evaluate", description="Evaluate trained SAEs on held-out data")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--family", help="evaluate every variant of this grid family (one DVC stage per family)")
+    group.add_argument("--variant", action="append", help="variant name from params.yaml (repeatable)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    with _timing(f"evaluate@{args.variant}"):
-        path = run_evaluation(args.variant, args.params, progress=not args.no_progress)
-    print(f"[evaluate] {args.variant}: wrote {path}")
+    from .grid import family_variants
+
+    params = load_params(args.params)
+    names = family_variants(params, args.family) if args.family else args.variant
+    cfg = section_to(EvaluateConfig, params.get("evaluate"), "evaluate")
+    with _timing("evaluate@" + (args.family or "+".join(names))):
+        if args.family:  # the stage owns results/eval/<family>/: drop files of removed variants
+            folder = Path(RESULTS_DIR) / EVAL_SUBDIR / args.family
+            for stale in folder.glob("*.json") if folder.is_dir() else []:
+                if stale.stem not in names:
+                    stale.unlink()
+        shared = load_shared_inputs(params, cfg.torch_device())
+        for name in names:
+            path = run_evaluation(name, args.params, progress=not args.no_progress, shared=shared)
+            print(f"[evaluate] {name}: wrote {path}")
     return 0
 
 

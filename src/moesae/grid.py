@@ -11,7 +11,9 @@ fraction of the grid's width (``width_fraction``), e.g. the FLOP-matched TopK at
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -120,14 +122,50 @@ def write_params_from_profile(profile: str | Path, out: str | Path = "params.yam
     body = yaml.safe_dump({"variants": variants}, sort_keys=False, default_flow_style=None, width=120)
     out = Path(out)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(header + text.rstrip() + "\n\n# ---- expanded grid (one DVC stage each) ----\n" + body)
+    tmp.write_text(header + text.rstrip() + "\n\n# ---- expanded grid: the named variants (trained per family, one DVC stage each) ----\n" + body)
     tmp.replace(out)
     return variants
 
 
 # ---- the `train` stage ------------------------------------------------------------------------
-def train_variants(names: list[str], params_path: str | Path = "params.yaml", progress: bool = True) -> None:
-    """Train the named variants in one pass over the activation cache."""
+def model_dir(name: str, variant: dict[str, Any], root: str | Path = MODELS_DIR) -> Path:
+    """Where a variant's SAE lives: ``models/<family>/<variant>/``."""
+    return Path(root) / str(variant.get("family", name)) / name
+
+
+def family_variants(params: dict[str, Any], family: str) -> list[str]:
+    names = sorted(n for n, v in (params.get("variants") or {}).items() if v.get("family") == family)
+    if not names:
+        families = sorted({v.get("family") for v in (params.get("variants") or {}).values()})
+        raise ParamsError(f"params.yaml: no variants of family '{family}' (families: {', '.join(map(str, families))})")
+    return names
+
+
+def training_fingerprint(variant: dict[str, Any], train_section: dict[str, Any]) -> str:
+    """Hash of everything that determines a variant's trained weights (its config + the recipe)."""
+    blob = json.dumps({"variant": variant, "train": train_section}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_trained(path: Path, fingerprint: str) -> bool:
+    from .train import LOG_FILE, read_train_log
+
+    if not (path / "cfg.json").is_file() or not (path / "sae_weights.safetensors").is_file() or not (path / LOG_FILE).is_file():
+        return False
+    try:
+        return read_train_log(path)[1].get("fingerprint") == fingerprint
+    except (ValueError, OSError):
+        return False
+
+
+def train_variants(names: list[str], params_path: str | Path = "params.yaml", progress: bool = True,
+                   force: bool = False) -> list[str]:
+    """Train the named variants in one pass over the activation cache; returns those trained.
+
+    A variant whose folder already holds a finished SAE trained with the same configuration and
+    recipe (same fingerprint) is skipped, so rerunning a family's stage after one variant changed
+    retrains only that variant.
+    """
     from .activations import ActivationReader
     from .train import TrainConfig, TrainingRun, finish, train_saes
 
@@ -140,35 +178,71 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
             f"(regenerate with `moesae profile <name>` after editing the grid)"
         )
     train_section = dict(params.get("train") or {})
+    recipe = dict(train_section)
     batch_size = int(train_section.pop("batch_size", 4096))
     seed = int(train_section.pop("data_seed", 0))
     dead_threshold = train_section.pop("dead_tokens_threshold", None)
-    overrides = {n: dict(variants[n].get("train", {})) for n in names}
-    reader = ActivationReader(Path(params.get("paths", {}).get("activations", "data/activations")) / "train")
-    runs = []
+    todo = []
     for name in names:
+        fingerprint = training_fingerprint(variants[name], recipe)
+        if not force and is_trained(model_dir(name, variants[name]), fingerprint):
+            print(f"[train] {name}: up to date, skipped")
+            continue
+        todo.append((name, fingerprint))
+    if not todo:
+        return []
+    reader = ActivationReader(Path(params.get("paths", {}).get("activations", "data/activations")) / "train")
+    runs, fingerprints = [], {}
+    for name, fingerprint in todo:
         variant = {k: v for k, v in variants[name].items() if k != "train"}
-        cfg = section_to(TrainConfig, {**train_section, **overrides[name]}, "train")
-        sae = build_variant(variant, reader.d_model, dead_threshold)
-        runs.append(TrainingRun(name=name, sae=sae, config=cfg, out_dir=MODELS_DIR / name))
+        cfg = section_to(TrainConfig, {**train_section, **dict(variants[name].get("train", {}))}, "train")
+        try:
+            sae = build_variant(variant, reader.d_model, dead_threshold)
+        except ValueError as exc:
+            raise ParamsError(f"variant '{name}': {exc}") from exc
+        runs.append(TrainingRun(name=name, sae=sae, config=cfg, out_dir=model_dir(name, variant)))
+        fingerprints[name] = fingerprint
     batch_at = reader.batch_fn(batch_size, seed=seed)
     start = time.time()
     train_saes(runs, batch_at, progress=progress)
     for run in runs:
-        finish(run, {"variant": run.name, "family": variants[run.name].get("family"), "wall_seconds": time.time() - start})
+        extra = {"variant": run.name, "family": variants[run.name].get("family"),
+                 "fingerprint": fingerprints[run.name], "wall_seconds": time.time() - start}
+        finish(run, extra)
         print(f"[train] {run.name}: saved to {run.out_dir}")
+    return [r.name for r in runs]
+
+
+def remove_stale(family: str, params: dict[str, Any], root: str | Path = MODELS_DIR) -> None:
+    """Delete variant folders of ``family`` that the grid no longer declares."""
+    keep = set(family_variants(params, family))
+    folder = Path(root) / family
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.is_dir() and child.name not in keep:
+                shutil.rmtree(child)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moesae train", description="Train grid variants from params.yaml")
-    parser.add_argument("--variant", action="append", required=True, help="variant name (repeat to train several in one pass)")
+    parser = argparse.ArgumentParser(
+        prog="moesae train",
+        description="Train grid variants from params.yaml, several SAEs per pass over the activation cache",
+    )
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--family", help="train every variant of this grid family (one DVC stage per family)")
+    group.add_argument("--variant", action="append", help="variant name (repeat to train several in one pass)")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--force", action="store_true", help="retrain even if an up-to-date SAE exists")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     from .timing import record
 
-    with record("train@" + "+".join(args.variant)):
-        train_variants(args.variant, args.params, progress=not args.no_progress)
+    params = load_params(args.params)
+    names = family_variants(params, args.family) if args.family else args.variant
+    with record("train@" + (args.family or "+".join(names))):
+        if args.family:
+            remove_stale(args.family, params)
+        train_variants(names, args.params, progress=not args.no_progress, force=args.force)
     return 0
 
 

@@ -444,19 +444,20 @@ def architecture_config(root: str | Path = ".", variant: str | None = None) -> t
     # The smallest N draws every expert; among those, the largest e and k show the most structure.
     names = [variant] if variant else [c[-1] for c in sorted(candidates, key=lambda c: (c[0], -c[1], -c[2], c[3]))]
     if not names:
-        names = sorted(p.parent.name for p in (root / "models").glob("*/cfg.json"))
+        names = sorted(p.parent.name for p in (root / "models").glob("*/*/cfg.json"))
     for name in names:
-        cfg_path = root / "models" / name / "cfg.json"
-        if cfg_path.is_file():
-            cfg = json.loads(cfg_path.read_text())
+        family = str(variants.get(name, {}).get("family", ""))
+        found = sorted((root / "models").glob(f"{family or '*'}/{name}/cfg.json"))
+        if found:
+            cfg = json.loads(found[0].read_text())
             if cfg.get("architecture") == "scale" and (variant or cfg.get("feature_scaling") != "none"):
-                return cfg, f"models/{name}/cfg.json"
+                return cfg, found[0].relative_to(root).as_posix()
     for name in names:
         if name in variants:
             cfg = dict(variants[name])
             return cfg, f"params.yaml, variant {name} (no trained checkpoint found)"
     raise FileNotFoundError(
-        f"no Scale SAE configuration under {root}: neither models/<variant>/cfg.json nor params.yaml "
+        f"no Scale SAE configuration under {root}: neither models/<family>/<variant>/cfg.json nor params.yaml "
         "variants with architecture 'scale'; run `moesae profile default` and the train stage"
     )
 
