@@ -443,7 +443,7 @@ def test_stage_writes_scores_csv(tmp_path, monkeypatch):
     for fam, arch, extra in [("topk_m8th", "topk", {}), ("switch_n32", "switch", {"num_experts": 4})]:
         name = f"{fam}_k4"
         variants[name] = {"family": fam, "architecture": arch, "num_latents": 32, "k": 4, "seed": 0, **extra}
-        build_sae(arch, d_in=D_MODEL, num_latents=32, k=4, **extra).save(tmp_path / "models" / name)
+        build_sae(arch, d_in=D_MODEL, num_latents=32, k=4, **extra).save(tmp_path / "models" / fam / name)
     params = {
         "paths": {"activations": "data/activations", "subject_model": "models/subject"},
         "autointerp": {"num_features": 5, "min_activations": 5, "chunk_length": 16, "window_before": 6,
@@ -511,7 +511,8 @@ def test_stage_on_a_real_activation_cache_and_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setattr(subject_model, "load_subject_model", lambda path, device="cpu": sm)
     monkeypatch.chdir(tmp_path)
     name = "scale_n16_e2_k8"
-    build_sae("scale", d_in=sm.d_model, num_latents=64, k=8, num_experts=4, active_experts=2).save(tmp_path / "models" / name)
+    build_sae("scale", d_in=sm.d_model, num_latents=64, k=8, num_experts=4, active_experts=2).save(
+        tmp_path / "models" / "scale_n16_e2" / name)
     params = {
         "paths": {"activations": "data/activations", "subject_model": "models/subject"},
         "autointerp": {"num_features": 6, "min_activations": 5, "chunk_length": 8, "window_before": 4,
