@@ -8,6 +8,9 @@ VENV_BIN := .venv/bin
 # Stage commands in dvc.yaml (moesae, papermill) come from the environment.
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export MPLBACKEND := Agg
+# The environment may be shared by several clones (it is cached by lock hash): this clone's
+# sources always come first, for the stages, the tests and the notebook kernels alike.
+export PYTHONPATH := $(CURDIR)/src
 
 .PHONY: env reproduce test test-fast benchmark clean-results
 
