@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .base import SAEOutput, _check, geometric_median, reconstruction_mse
 from .registry import register
-from .topk import TopKConfig, TopKSAE, auxk_loss
+from .topk import TopKConfig, TopKSAE
 
 
 def batch_topk_mask(scores: Tensor, budget: int) -> Tensor:
@@ -82,6 +82,5 @@ class BatchTopKSAE(TopKSAE):
         x_hat = self.decode(z)
         losses = {"mse": reconstruction_mse(x, x_hat)}
         if self.training and cfg.aux_coefficient > 0:
-            aux_k = cfg.aux_k or max(1, cfg.d_in // 2)
-            losses["auxk"] = cfg.aux_coefficient * auxk_loss(x, x_hat, pre, self.dead_mask(), aux_k, self.W_dec)
+            losses["auxk"] = self.aux_loss(x, x_hat, pre, self.dead_mask())
         return SAEOutput(x_hat=x_hat, losses=losses, latents=z)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .base import SAEOutput, _check, geometric_median, reconstruction_mse
 from .registry import register
-from .topk import TopKConfig, TopKSAE, auxk_loss
+from .topk import TopKConfig, TopKSAE
 
 CAPACITIES = ("uniform", "zipf")
 
@@ -138,6 +138,5 @@ class FeatureChoiceSAE(TopKSAE):
         x_hat = self.decode(z)
         losses = {"mse": reconstruction_mse(x, x_hat)}
         if self.training and cfg.aux_coefficient > 0:
-            aux_k = cfg.aux_k or max(1, cfg.d_in // 2)
-            losses["aux_zipf"] = cfg.aux_coefficient * auxk_loss(x, x_hat, pre, self.under_firing(), aux_k, self.W_dec)
+            losses["aux_zipf"] = self.aux_loss(x, x_hat, pre, self.under_firing())
         return SAEOutput(x_hat=x_hat, losses=losses, latents=z)

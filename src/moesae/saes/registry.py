@@ -5,6 +5,7 @@ subclass decorated with ``@register("<name>")``, and import it in ``saes/__init_
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def build_sae(architecture: str, **config: Any) -> SAE:
             f"choose one of {available_architectures()}"
         )
     cls = REGISTRY[architecture]
-    fields = {f.name for f in __import__("dataclasses").fields(cls.config_class)}
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(config) - fields)
     if unknown:
         raise ValueError(

@@ -150,16 +150,10 @@ class ScaleSAE(MoESAE):
     def effective_encoders(self, ids: Tensor) -> Tensor:
         """Ŵ for the experts ``ids``: ``[len(ids), m, d]``. Only these experts are touched."""
         W = self.W_enc[ids]
-        mode = self.cfg.feature_scaling  # type: ignore[attr-defined]
-        if mode == "none":
+        low = self.low_frequency()
+        if low is None:
             return W
-        if mode == "learned":
-            low = self.low_freq[ids]
-        else:
-            low = W.mean(1)
-            if mode == "mean":
-                low = low @ self.T.T
-        return W + self.omega[ids][:, None, None] * (W - low[:, None, :])
+        return W + self.omega[ids][:, None, None] * (W - low[ids][:, None, :])
 
     def forward(self, x: Tensor) -> SAEOutput:
         cfg: ScaleConfig = self.cfg  # type: ignore[assignment]

@@ -71,9 +71,14 @@ class TopKSAE(SAE):
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}
         if self.training and cfg.aux_coefficient > 0:
-            aux_k = cfg.aux_k or max(1, cfg.d_in // 2)
-            losses["auxk"] = cfg.aux_coefficient * auxk_loss(x, x_hat, pre, self.dead_mask(), aux_k, self.W_dec)
+            losses["auxk"] = self.aux_loss(x, x_hat, pre, self.dead_mask())
         return SAEOutput(x_hat=x_hat, losses=losses, top_values=values, top_indices=indices)
+
+    def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, latents: Tensor) -> Tensor:
+        """AuxK over the given ``latents`` mask (dead ones here; subclasses pass their own)."""
+        cfg: TopKConfig = self.cfg  # type: ignore[assignment]
+        aux_k = cfg.aux_k or max(1, cfg.d_in // 2)
+        return cfg.aux_coefficient * auxk_loss(x, x_hat, pre, latents, aux_k, self.W_dec)
 
     def flops_per_token(self) -> int:
         return self.cfg.num_latents * self.cfg.d_in + self.cfg.k * self.cfg.d_in
