@@ -3,6 +3,9 @@
 - expert dispatch of only the selected experts (``grouped``, ``loop``, ``auto``) equals the
   authors' all-experts-then-mask design (``all``) in the forward pass and in every gradient;
 - Feature Scaling applied to the expert outputs equals the materialised effective encoder Ŵ;
+- the sparse encoder backward (only the k kept latents per token, ``kept_dot``) gives the
+  gradients of dense autograd through the full pre-activations, for TopK (with AuxK) and for the
+  MoE SAEs (the fast dispatch modes against ``all``, which is dense end to end);
 - sparse decoding (``embedding_bag``) equals dense ``z @ W_dec`` with gradients;
 - bf16 autocast on CPU stays within a stated tolerance of fp32;
 - a short training with ``dispatch="grouped"`` ends with the weights of ``dispatch="all"``;
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +25,8 @@ import torch
 
 from moesae import build_sae
 from moesae.precision import autocast_context, make_adam, resolve_autocast
-from moesae.saes.base import sparse_decode
+from moesae.saes.base import kept_dot, sparse_decode
+from moesae.saes.topk import auxk_loss
 from moesae.saes.moe import dispatch_experts
 from moesae.train import TrainConfig, TrainingRun, tensor_batches, train_saes
 
@@ -62,6 +68,10 @@ MOE_CONFIGS = [
     ("scale", {"num_experts": 8, "active_experts": 2, "feature_scaling": "learned", "gate": "logit_softmax"}),
     ("scale", {"num_experts": 8, "active_experts": 4, "feature_scaling": "none"}),
     ("authors_switch", {"num_experts": 8}),
+    ("switch", {"num_experts": 8, "shared_expert": True}),
+    ("scale", {"num_experts": 8, "active_experts": 2, "shared_expert": True}),
+    ("scale", {"num_experts": 8, "active_experts": 2, "batch_topk": True}),
+    ("scale", {"num_experts": 8, "active_experts": 2, "router": "moex"}),
 ]
 
 
@@ -81,7 +91,8 @@ def test_fast_dispatch_equals_all_experts_forward_and_gradients(architecture, ex
     for name in ref_out.losses:
         torch.testing.assert_close(out.losses[name], ref_out.losses[name], rtol=1e-5, atol=1e-5)
     assert set(grads) == set(ref_grads)
-    assert {"W_enc", "W_dec", "b_dec", "W_router", "b_router"} <= set(grads)
+    learned_router = {"W_router", "b_router"} if extra.get("router") != "moex" else set()
+    assert {"W_enc", "W_dec", "b_dec"} | learned_router <= set(grads)
     if extra.get("feature_scaling") in ("mean", "identity", "learned"):
         assert "omega" in grads and grads["omega"].abs().sum() > 0
     for name, g in ref_grads.items():
@@ -133,6 +144,65 @@ def test_dispatch_rejects_bad_mode_and_half_feature_scaling():
         dispatch_experts(x, experts, W, None, 2, "fastest")
     with pytest.raises(ValueError, match="omega and low_freq"):
         dispatch_experts(x, experts, W, None, 2, "grouped", omega=torch.zeros(2))
+
+
+def test_kept_dot_hand_computed_and_gradcheck():
+    # W rows r0 = [1, 2], r1 = [0, 1], r2 = [3, -1]; token 0 keeps (r2, r0), token 1 keeps (r1, r1)
+    W = torch.tensor([[1.0, 2.0], [0.0, 1.0], [3.0, -1.0]], requires_grad=True)
+    x = torch.tensor([[1.0, 1.0], [2.0, -1.0]], requires_grad=True)
+    indices = torch.tensor([[2, 0], [1, 1]])
+    out = kept_dot(x, W, indices)
+    torch.testing.assert_close(out, torch.tensor([[2.0, 3.0], [-1.0, -1.0]]))
+    out.backward(torch.tensor([[1.0, 10.0], [100.0, 1000.0]]))
+    # dW[r] = Σ over (t, j) with indices[t, j] = r of grad[t, j] · x[t]
+    torch.testing.assert_close(W.grad, torch.tensor([[10.0, 10.0], [2200.0, -1100.0], [1.0, 1.0]]))
+    torch.testing.assert_close(x.grad, torch.tensor([[13.0, 19.0], [0.0, 1100.0]]))
+    # precomputed values are passed through, and the gradients do not depend on them
+    same = kept_dot(x, W, indices, out.detach())
+    torch.testing.assert_close(same, out)
+    g = torch.Generator().manual_seed(0)
+    W64 = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    x64 = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 9, (4, 3), generator=g)
+    assert torch.autograd.gradcheck(lambda a, b: kept_dot(a, b, ids), (x64, W64))
+
+
+def _topk_reference_forward(sae, x):
+    """The TopK SAE with dense autograd through all M pre-activations (the code before issue #7)."""
+    pre = sae.pre_activations(x)
+    values, indices = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+    x_hat = sparse_decode(values, indices, sae.W_dec, sae.b_dec)
+    losses = {"mse": (x - x_hat).pow(2).sum(-1).mean()}
+    dead = sae.dead_mask()
+    aux_k = min(sae.cfg.aux_k or sae.cfg.d_in // 2, int(dead.sum()))
+    masked = torch.where(dead[None, :], pre, torch.full_like(pre, -torch.inf))
+    aux_values, aux_ids = masked.topk(aux_k, dim=-1, sorted=False)
+    losses["auxk"] = sae.cfg.aux_coefficient * auxk_loss(x, x_hat, aux_values, aux_ids, sae.W_dec)
+    return values, indices, x_hat, losses
+
+
+def test_topk_sparse_backward_equals_dense_autograd_with_auxk():
+    sae = build_sae("topk", d_in=16, num_latents=96, k=5, aux_k=7, seed=2)
+    _perturb(sae)
+    with torch.no_grad():
+        sae.tokens_since_fired[::3] = sae.cfg.dead_tokens_threshold  # a third of the latents are dead
+    x = _skewed_batch()
+    sae.train()
+    ref_values, ref_indices, ref_x_hat, ref_losses = _topk_reference_forward(sae, x)
+    sae.zero_grad(set_to_none=True)
+    sum(ref_losses.values()).backward()
+    ref_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    out, grads = _forward_and_grads(sae, x)
+    assert out.losses["auxk"] > 0
+    assert torch.equal(out.top_indices.sort(1).values, ref_indices.sort(1).values)
+    torch.testing.assert_close(out.x_hat, ref_x_hat, rtol=1e-5, atol=1e-5)
+    for name, value in ref_losses.items():
+        torch.testing.assert_close(out.losses[name], value, rtol=1e-5, atol=1e-6)
+    assert set(grads) == set(ref_grads) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+    # the encoder gradient lives on the kept (and AuxK-selected) rows only
+    assert (grads["W_enc"].abs().sum(1) > 0).sum() < sae.cfg.num_latents
 
 
 def test_sparse_decode_equals_dense_decode_with_gradients():
@@ -235,19 +305,31 @@ def test_benchmark_runs_at_toy_size(tmp_path, monkeypatch):
     spec.loader.exec_module(throughput)
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--sizes", "toy:16:128", "--k", "4", "--batch-size", "64", "--steps", "1",
-            "--warmup", "0", "--in-process", "--out", str(out)]
+            "--warmup", "0", "--in-process", "--allocator", "default", "--out", str(out)]
     throughput.main(argv)
     result = json.loads(out.read_text())
     rows = result["cases"]
     assert len(rows) == 12  # 4 dense TopK rows, 4 MoE configurations × (fast, naive)
-    assert {r["implementation"] for r in rows} == {"fast", "naive", "dense-decode"}
+    assert {r["implementation"] for r in rows} == {"fast", "naive", "dense"}
     assert all(r["tokens_per_s"] > 0 for r in rows)
     scale = next(r for r in rows if r["name"] == "scale-16-2" and r["implementation"] == "fast")
     # forward MACs per token: router N·d + e·m·d + k·d = 16·16 + 2·8·16 + 4·16
     assert scale["flops_per_token"] == 16 * 16 + 2 * 8 * 16 + 4 * 16
+    # executed training FLOPs: forward + sparse backward (4·k·d) + router backward (2·N·d), 2 FLOPs per MAC
+    assert scale["train_flops_per_token"] == 2 * (scale["flops_per_token"] + 2 * 16 * 16 + 4 * 4 * 16)
+    naive = next(r for r in rows if r["name"] == "scale-16-2" and r["implementation"] == "naive")
+    assert naive["train_flops_per_token"] == 2 * 3 * (16 * 16 + 128 * 16 + 4 * 16)  # dense autograd, all M·d
     assert set(result["summary"]["toy"]["ratios"]) >= {"scale-16-2 / topk-M", "scale-16-2 / scale-16-2 naive"}
     with pytest.raises(SystemExit):
         throughput.main(["--sizes", "huge", "--out", str(out)])
+
+
+def test_keep_freed_cpu_memory_in_a_fresh_process():
+    # process-wide allocator setting: checked in a child so the test process keeps glibc's default
+    code = "from moesae.precision import keep_freed_cpu_memory as k; print(k(), k())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    expected = "True" if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" else "False"
+    assert out == [expected, expected]
 
 
 @pytest.mark.slow

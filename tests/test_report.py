@@ -168,3 +168,28 @@ def test_timing_record_is_atomic_and_skips_failures(tmp_path):
     with pytest.raises(ValueError, match="stage name"):
         with record("", tmp_path):
             pass
+
+
+def test_throughput_section_reads_the_benchmark_results(run):
+    page = report.build_report(run).read_text()
+    assert "Not available: no benchmark results" in page  # the synthetic run has no benchmarks/results
+    bench = run / "benchmarks" / "results"
+    bench.mkdir(parents=True)
+    case = dict(size="paper", implementation="fast", seconds_per_step=0.5, peak_memory_mb=900.0, fraction_of_peak=0.3)
+    data = {
+        "device_type": "cpu", "device": "x86_64", "batch_size": 8192, "threads": 2, "torch": "2.13.0+cpu",
+        "cases": [dict(case, name="topk-24576", tokens_per_s=2833.4), dict(case, name="scale-16-2", tokens_per_s=12113.0),
+                  dict(case, name="scale-16-2", size="default", tokens_per_s=99.0)],
+        "summary": {"paper": {"targets": [
+            {"target": "Scale (16,2) >= 3x dense TopK-M tokens/s", "measured": 4.275, "threshold": 3.0, "met": True},
+            {"target": "Scale (16,2) >= 5x naive all-experts", "measured": 2.5, "threshold": 5.0, "met": False},
+        ]}},
+    }
+    (bench / "cpu.json").write_text(json.dumps(data))
+    page = report.build_report(run).read_text()
+    section = page[page.index('id="throughput"'):]
+    assert "2,833" in section and "12,113" in section
+    assert section.count("<tr><td>scale-16-2</td>") == 1  # paper size only
+    assert "4.28 → <span class=\"holds\">met</span>" in section
+    assert "2.5 → <span class=\"fails\">not met</span>" in section
+    assert "No GPU results" in section

@@ -165,6 +165,7 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
     retrains only that variant.
     """
     from .activations import ActivationReader
+    from .precision import keep_freed_cpu_memory
     from .train import TrainConfig, TrainingRun, finish, train_saes
 
     params = load_params(params_path)
@@ -201,6 +202,7 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
         runs.append(TrainingRun(name=name, sae=sae, config=cfg, out_dir=model_dir(name, variant)))
         fingerprints[name] = fingerprint
     batch_at = reader.batch_fn(batch_size, seed=seed)
+    keep_freed_cpu_memory()  # this process only trains: reuse freed gradient-sized blocks
     start = time.time()
     train_saes(runs, batch_at, progress=progress)
     for run in runs:

@@ -190,9 +190,49 @@ def synthetic_html(results: Path, figures_dir: Path, html_dir: Path, out_dir: Pa
     )
 
 
+THROUGHPUT_CASES = ("topk-24576", "topk-3072", "topk-768", "switch-32", "scale-16-2", "scale-32-4", "scale-64-8")
+
+
+def throughput_html(bench_dir: Path) -> str:
+    """Paper-size training throughput from the committed benchmark results, and the issue's targets."""
+    files = sorted(bench_dir.glob("*.json")) if bench_dir.is_dir() else []
+    runs = [(f, data) for f in files if (data := _read_json(f)) and isinstance(data.get("cases"), list)]
+    if not runs:
+        return (f'<p class="na">Not available: no benchmark results in {esc(bench_dir.as_posix())}/ '
+                "(run <code>make benchmark</code>).</p>")
+    parts = ["<p>Training steps at paper size (d = 768, M = 24576, k = 32), timed by "
+             "<code>make benchmark</code> (benchmarks/throughput.py), not by this run: <b>fast</b> is what the "
+             "pipeline trains with, <b>naive</b> the authors' all-experts design, <b>dense</b> TopK without "
+             "sparse paths.</p>"]
+    if not any(d.get("device_type") == "cuda" for _, d in runs):
+        parts.append('<p class="note">No GPU results: no GPU was available to measure them, so the GPU '
+                     "targets (Scale (16,2) ≥ 5M and dense TopK-24576 ≥ 3M tokens/s) are not measured.</p>")
+    for f, data in runs:
+        rows = [r for r in data["cases"] if r.get("size") == "paper" and r.get("name") in THROUGHPUT_CASES]
+        body = "".join(
+            f"<tr><td>{esc(r['name'])}</td><td>{esc(r['implementation'])}</td>"
+            f"<td class=\"num\">{r['tokens_per_s']:,.0f}</td><td class=\"num\">{1000 * r['seconds_per_step']:,.0f}</td>"
+            f"<td class=\"num\">{r['peak_memory_mb']:,.0f}</td><td class=\"num\">{100 * r.get('fraction_of_peak', float('nan')):.0f}</td></tr>"
+            for r in rows
+        )
+        targets = "".join(
+            f"<li>{esc(t['target'])}: {t['measured']:.3g} → "
+            + ('<span class="holds">met</span>' if t["met"] else '<span class="fails">not met</span>') + "</li>"
+            for t in data.get("summary", {}).get("paper", {}).get("targets", [])
+        )
+        parts.append(
+            f"<h3>{esc(f.name)}: {esc(data.get('device_type', '?'))} ({esc(data.get('device', '?'))}), "
+            f"batch {esc(data.get('batch_size'))}, {esc(data.get('threads'))} threads, torch {esc(data.get('torch'))}</h3>"
+            f"<table><tr><th>case</th><th>implementation</th><th>tokens/s</th><th>ms/step</th>"
+            f"<th>peak MiB</th><th>% of peak FLOP/s</th></tr>{body}</table><ul>{targets}</ul>"
+        )
+    return "\n".join(parts)
+
+
 # ---- the page ----------------------------------------------------------------------------------------------
 def build_report(root: str | Path = ".", out: str | Path | None = None, results_dir: str | Path = "results",
-                 reports_dir: str | Path = "reports", params_path: str | Path = "params.yaml") -> Path:
+                 reports_dir: str | Path = "reports", params_path: str | Path = "params.yaml",
+                 benchmarks_dir: str | Path = "benchmarks/results") -> Path:
     """Write the report for the run rooted at ``root`` and return its path."""
     root = Path(root)
     results = root / results_dir
@@ -229,7 +269,8 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
 <p class="note">Replication of “Beyond Redundancy: Diverse and Specialized Multi-Expert Sparse Autoencoder”
 (Xu et al., arXiv 2511.05745) with Switch SAE and TopK baselines. Generated {esc(generated)} by <code>moesae report</code>.</p>
 <p><a href="#provenance">Provenance</a> · <a href="#claims">Claims</a> · <a href="#timings">Run time</a> ·
-<a href="#figures">Figures</a> · <a href="#table1">Table 1</a> · <a href="#synthetic">Ground truth</a></p>
+<a href="#figures">Figures</a> · <a href="#table1">Table 1</a> · <a href="#synthetic">Ground truth</a> ·
+<a href="#throughput">Throughput</a></p>
 
 <h2 id="provenance">What produced this run</h2>
 <table class="meta">
@@ -257,6 +298,9 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
 
 <h2 id="synthetic">Ground-truth benchmark</h2>
 {synthetic_html(results, reports / "figures", reports / "html", out.parent)}
+
+<h2 id="throughput">Training throughput (benchmark)</h2>
+{throughput_html(root / benchmarks_dir)}
 </body></html>
 """
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,48 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     return out + b_dec
 
 
+class _KeptDot(torch.autograd.Function):
+    """``out[t, j] = W[indices[t, j]] · x[t]`` with a backward that touches only the kept rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, indices: Tensor, values: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, W, indices)
+        if values is not None:  # already computed by the forward's no-grad encoder pass
+            return values.detach().clone()
+        return torch.einsum("bkd,bd->bk", W[indices], x.to(W.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, W, indices = ctx.saved_tensors
+        need_x, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad = grad.to(W.dtype).contiguous()
+        grad_x = grad_W = None
+        # grad_x[t] = Σ_j grad[t, j] · W[indices[t, j]] is exactly embedding_bag's forward, and
+        # grad_W[r] = Σ_{(t, j): indices[t, j] = r} grad[t, j] · x[t] is embedding_bag's weight
+        # gradient for the upstream gradient x: k·d work per token instead of M·d (or e·m·d).
+        with torch.enable_grad():
+            weight = W.detach().requires_grad_(need_W)
+            gx = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum")
+        if need_W:
+            (grad_W,) = torch.autograd.grad(gx, weight, x.to(gx.dtype))
+        if need_x:
+            grad_x = gx.detach().to(x.dtype)
+        return grad_x, grad_W, None, None
+
+
+def kept_dot(x: Tensor, W: Tensor, indices: Tensor, values: Tensor | None = None) -> Tensor:
+    """``[B, k]`` encoder dot products ``W[indices[t, j]] · x[t]`` of the kept latents only.
+
+    The sparse backward of TopK-style encoders (issue #7): the forward selects latents from
+    pre-activations computed without autograd, then calls this for the k kept ones, so the
+    backward costs k·d per token (``embedding_bag``-style gathers and scatters) instead of the
+    dense matmul's M·d. Pass ``values`` (the same dot products from the no-grad pass) to skip
+    recomputing them. Gradients flow to ``x`` ``[B, d]`` and ``W`` ``[M, d]`` (a view of a
+    parameter is fine); ``indices`` ``[B, k]`` index rows of ``W``.
+    """
+    return _KeptDot.apply(x, W, indices, values)
+
+
 def geometric_median(points: Tensor, iterations: int = 100, eps: float = 1e-6) -> Tensor:
     """Weiszfeld iterations for the point minimising the summed Euclidean distance."""
     points = points.detach().float()
@@ -193,8 +235,9 @@ class SAE(nn.Module):
         """Remove the gradient component parallel to each decoder row (keeps norms at 1)."""
         if self.W_dec.grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
+        # In place, no [M, d] temporaries: one batched dot per row, then grad −= parallel · W.
+        parallel = torch.einsum("md,md->m", self.W_dec.grad, self.W_dec)
+        self.W_dec.grad.addcmul_(self.W_dec, parallel[:, None], value=-1)
 
     @torch.no_grad()
     def update_dead_statistics(self, out: SAEOutput, batch_size: int) -> None:

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .base import SAE, SAEConfig, _check, geometric_median
+from .base import SAE, SAEConfig, _check, geometric_median, kept_dot
 
 DISPATCH_MODES = ("auto", "grouped", "loop", "all")
 ROUTERS = ("learned", "moex")
@@ -120,6 +120,20 @@ def encoder_statistics(W: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor, Ten
         zeros = W.new_zeros(W.shape[0])
         return row_mean, row_var, zeros, zeros
     return row_mean, row_var, b.mean(1), b.var(1, unbiased=False)
+
+
+def feature_scaling_terms(x: Tensor, experts: Tensor, omega: Tensor, low_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """ω_i and L_i · x for each token's selected experts, both ``[B, e]``.
+
+    L · x for all N experts is one thin matmul; gathering L per token first would make the
+    backward a slow scatter-add of ``[B, e, d]`` rows into ``[N, d]``.
+    """
+    return omega[experts], (x @ low_freq.T).gather(1, experts)
+
+
+def scale_outputs(raw: Tensor, omega_sel: Tensor, low_dot_x: Tensor) -> Tensor:
+    """Feature Scaling in output space: Ŵ_i x = (1 + ω_i) W_i x − ω_i (L_i · x), from ``raw`` = W_i x."""
+    return torch.addcmul((-omega_sel * low_dot_x).to(raw.dtype), raw, (1 + omega_sel).to(raw.dtype))
 
 
 def dispatch_experts(
@@ -231,9 +245,8 @@ def dispatch_experts(
         raise ValueError(f"invalid SAE config field 'dispatch': unknown mode {mode!r}")
 
     if omega is not None:
-        selected_omega = omega[experts].to(pre.dtype)  # [B, e]
-        low_dot_x = torch.einsum("bd,bed->be", x, low_freq[experts]).to(pre.dtype)  # type: ignore[index]
-        pre = torch.addcmul((-selected_omega * low_dot_x)[:, :, None], pre, (1 + selected_omega)[:, :, None])
+        omega_sel, low_dot_x = feature_scaling_terms(x, experts, omega, low_freq)  # type: ignore[arg-type]
+        pre = scale_outputs(pre, omega_sel[:, :, None], low_dot_x[:, :, None])
     if expert_bias is not None and not fuse_bias:
         pre = pre + expert_bias[experts].to(pre.dtype)
     return pre
@@ -270,6 +283,57 @@ class MoESAE(SAE):
         m = self.cfg.expert_size  # type: ignore[attr-defined]
         slot = candidate_idx // m
         return experts.gather(1, slot) * m + candidate_idx % m
+
+    def encode_selected(
+        self,
+        x_c: Tensor,
+        experts: Tensor,
+        gates: Tensor,
+        select: Callable[[Tensor], tuple[Tensor, Tensor | None]],
+        *,
+        bias: Tensor | None = None,
+        omega: Tensor | None = None,
+        low_freq: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The kept code ``(values, global feature ids)``, each ``[B, k]``, of the selected experts.
+
+        Candidates ``gates_s · ReLU(Ŵ_i x_c + b_i)`` of each token's experts ``[B, e, m]`` are
+        computed *without autograd* by the fast dispatch; ``select`` (flattened ``[B, e·m]`` →
+        candidate positions and an optional keep mask) picks the code; only the kept entries are
+        then recomputed with autograd (:func:`kept_dot` for ``W_i x``, then Feature Scaling, bias
+        and gate on ``[B, k]``), so the backward costs k·d per token instead of e·m·d.
+        ``dispatch="all"`` is the authors' dense design end to end and the reference this path is
+        tested against.
+        """
+        cfg: MoEConfig = self.cfg  # type: ignore[assignment]
+        N, m, d = cfg.num_experts, cfg.expert_size, cfg.d_in
+        if cfg.dispatch == "all":
+            pre = dispatch_experts(x_c, experts, self.W_enc, bias, N, "all", omega=omega, low_freq=low_freq)
+            candidates = (torch.relu(pre) * gates[:, :, None].to(pre.dtype)).flatten(1)
+            candidate_idx, keep = select(candidates)
+            values = candidates.gather(1, candidate_idx)
+            return (values if keep is None else values * keep), self._global_ids(candidate_idx, experts)
+
+        with torch.no_grad():
+            raw = dispatch_experts(x_c, experts, self.W_enc, None, N, cfg.dispatch)  # [B, e, m]
+            pre = raw
+            if omega is not None:
+                omega_sel, low_dot_x = feature_scaling_terms(x_c, experts, omega, low_freq)  # type: ignore[arg-type]
+                pre = scale_outputs(raw, omega_sel[:, :, None], low_dot_x[:, :, None])
+            if bias is not None:
+                pre = pre + bias[experts].to(pre.dtype)
+            candidate_idx, keep = select((torch.relu(pre) * gates[:, :, None].to(pre.dtype)).flatten(1))
+            raw_kept = raw.flatten(1).gather(1, candidate_idx)
+        ids = self._global_ids(candidate_idx, experts)
+        slot = candidate_idx // m
+        pre_kept = kept_dot(x_c, self.W_enc.view(N * m, d), ids, raw_kept)
+        if omega is not None:
+            omega_sel, low_dot_x = feature_scaling_terms(x_c, experts, omega, low_freq)  # type: ignore[arg-type]
+            pre_kept = scale_outputs(pre_kept, omega_sel.gather(1, slot), low_dot_x.gather(1, slot))
+        if bias is not None:
+            pre_kept = pre_kept + bias.view(N * m)[ids]
+        values = torch.relu(pre_kept) * gates.gather(1, slot).to(pre_kept.dtype)
+        return (values if keep is None else values * keep), ids
 
     def active_experts_per_token(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError

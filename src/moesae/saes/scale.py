@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .base import SAEOutput, _check, reconstruction_mse, sparse_decode
 from .batchtopk import batch_topk_mask, update_threshold
-from .moe import SHARED_EXPERT, MoEConfig, MoESAE, dispatch_experts, encoder_statistics
+from .moe import SHARED_EXPERT, MoEConfig, MoESAE, encoder_statistics
 from .registry import register
 
 FEATURE_SCALING = ("mean", "identity", "learned", "none")
@@ -120,7 +120,9 @@ class ScaleSAE(MoESAE):
             return None
         if mode == "learned":
             return self.low_freq
-        low = self.W_enc.mean(1)
+        # sum / m rather than mean: the backward of sum is a broadcast view, so the gradient of
+        # the expert means reaches W_enc without materialising an [N, m, d] tensor.
+        low = self.W_enc.sum(1) / self.cfg.expert_size  # type: ignore[attr-defined]
         return low @ self.T.T if mode == "mean" else low
 
     def encoder_statistics(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -133,19 +135,24 @@ class ScaleSAE(MoESAE):
             row_var = scale.pow(2) * row_var
         return row_mean, row_var, bias_mean, bias_var
 
-    def select_candidates(self, candidates: Tensor) -> tuple[Tensor, Tensor]:
-        """(values, candidate indices) kept from ``[B, e·m]``: per-token TopK, or batch TopK."""
+    def select_candidates(self, candidates: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Positions kept from ``[B, e·m]`` (per-token TopK, or batch TopK) and a keep mask or None.
+
+        With ``batch_topk`` a token keeps a variable count: positions are padded to the largest
+        count in the batch and the mask ``[B, width]`` marks the real ones.
+        """
         cfg: ScaleConfig = self.cfg  # type: ignore[assignment]
         if not cfg.batch_topk:
-            return candidates.topk(cfg.k, dim=-1, sorted=False)
+            return candidates.topk(cfg.k, dim=-1, sorted=False).indices, None
+        candidates = candidates.detach()
         if self.training:
-            keep = batch_topk_mask(candidates.detach(), cfg.k * candidates.shape[0])
-            update_threshold(self.threshold, candidates.detach()[keep], cfg.threshold_decay)
+            keep = batch_topk_mask(candidates, cfg.k * candidates.shape[0])
+            update_threshold(self.threshold, candidates[keep], cfg.threshold_decay)
         else:
-            keep = candidates.detach() > self.threshold.clamp_min(0)
+            keep = candidates > self.threshold.clamp_min(0)
         width = max(1, int(keep.sum(1).max()))
-        kept = candidates * keep.to(candidates.dtype)
-        return kept.topk(width, dim=-1, sorted=False)
+        positions = (candidates * keep.to(candidates.dtype)).topk(width, dim=-1, sorted=False).indices
+        return positions, keep.gather(1, positions)
 
     def effective_encoders(self, ids: Tensor) -> Tensor:
         """Ŵ for the experts ``ids``: ``[len(ids), m, d]``. Only these experts are touched."""
@@ -168,14 +175,11 @@ class ScaleSAE(MoESAE):
         if cfg.shared_expert:  # the always-on expert joins every token, ungated (weight 1)
             experts = torch.cat([routed, routed.new_full((routed.shape[0], 1), SHARED_EXPERT)], 1)
             weights = torch.cat([weights, weights.new_ones(weights.shape[0], 1)], 1)
-        # Feature Scaling is applied in output space inside the dispatch (Ŵ is never built).
-        pre = dispatch_experts(
-            x - self.b_dec, experts, self.W_enc, self.b_enc, cfg.num_experts, cfg.dispatch,
+        # Feature Scaling is applied in output space (Ŵ is never built; see encode_selected).
+        values, indices = self.encode_selected(
+            x - self.b_dec, experts, weights, self.select_candidates, bias=self.b_enc,
             omega=self.omega if cfg.feature_scaling != "none" else None, low_freq=self.low_frequency(),
-        )  # [B, e, m]
-        candidates = (torch.relu(pre) * weights[:, :, None].to(pre.dtype)).flatten(1)  # [B, e·m]
-        values, candidate_idx = self.select_candidates(candidates)
-        indices = self._global_ids(candidate_idx, experts)
+        )
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}
         if cfg.balance_coefficient > 0 and cfg.router == "learned":

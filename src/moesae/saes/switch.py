@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .base import SAEOutput, _check, reconstruction_mse, sparse_decode
-from .moe import SHARED_EXPERT, MoEConfig, MoESAE, dispatch_experts, load_balance_loss
+from .moe import SHARED_EXPERT, MoEConfig, MoESAE, load_balance_loss
 from .registry import register
 
 
@@ -46,6 +46,10 @@ class SwitchSAE(MoESAE):
     def active_experts_per_token(self) -> int:
         return 1
 
+    def select_top_k(self, candidates: Tensor) -> tuple[Tensor, None]:
+        """TopK_k over the candidates (the routed expert's m, or 2·m with the shared expert)."""
+        return candidates.topk(self.cfg.k, dim=-1, sorted=False).indices, None
+
     def router_probs(self, x: Tensor) -> Tensor:
         if self.cfg.router == "moex":  # type: ignore[attr-defined]
             return torch.softmax(self.mask_shared_expert(self.moex_router_logits(x)), dim=-1)
@@ -60,12 +64,7 @@ class SwitchSAE(MoESAE):
         gate = top_prob if cfg.router == "learned" else torch.ones_like(top_prob)
         if cfg.shared_expert:
             return self._forward_with_shared_expert(x, probs, top_expert, gate)
-        pre = dispatch_experts(
-            x - self.b_dec, top_expert[:, None], self.W_enc, None, cfg.num_experts, cfg.dispatch
-        )[:, 0]  # [B, m]
-        values, local = torch.relu(pre).topk(cfg.k, dim=-1, sorted=False)
-        values = values * gate[:, None]
-        indices = top_expert[:, None] * cfg.expert_size + local
+        values, indices = self.encode_selected(x - self.b_dec, top_expert[:, None], gate[:, None], self.select_top_k)
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}
         if cfg.balance_coefficient > 0 and cfg.router == "learned":
@@ -78,12 +77,7 @@ class SwitchSAE(MoESAE):
         cfg: SwitchConfig = self.cfg  # type: ignore[assignment]
         experts = torch.stack([top_expert, torch.full_like(top_expert, SHARED_EXPERT)], 1)  # [B, 2]
         gates = torch.stack([gate, torch.ones_like(gate)], 1)
-        pre = dispatch_experts(
-            x - self.b_dec, experts, self.W_enc, None, cfg.num_experts, cfg.dispatch
-        )  # [B, 2, m]
-        candidates = (torch.relu(pre) * gates[:, :, None]).flatten(1)
-        values, candidate_idx = candidates.topk(cfg.k, dim=-1, sorted=False)
-        indices = self._global_ids(candidate_idx, experts)
+        values, indices = self.encode_selected(x - self.b_dec, experts, gates, self.select_top_k)
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}
         if cfg.balance_coefficient > 0 and cfg.router == "learned":

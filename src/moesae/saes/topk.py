@@ -8,16 +8,22 @@ Parameters (checkpoint names and shapes):
 z = TopK_k(ReLU(W_enc (x − b_dec) + b_enc));  x̂ = W_decᵀ z + b_dec.
 AuxK: the residual e = x − x̂ is reconstructed from the k_aux largest pre-activations of the dead
 latents; loss = aux_coefficient · ‖e − ê‖² / ‖e − ē‖² (both summed over the batch).
+
+Training cost (issue #7): the pre-activations that choose the code are computed without autograd;
+only the k kept latents (and the AuxK ones) are recomputed with autograd through ``kept_dot``, so
+the backward costs k·d per token instead of M·d. ``pre_activations`` is the dense autograd form,
+the reference the tests compare against.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import SAE, SAEConfig, SAEOutput, _check, reconstruction_mse, sparse_decode
+from .base import SAE, SAEConfig, SAEOutput, _check, kept_dot, reconstruction_mse, sparse_decode
 from .registry import register
 
 
@@ -35,18 +41,19 @@ class TopKConfig(SAEConfig):
         _check(self.aux_coefficient >= 0, "aux_coefficient", "must be non-negative")
 
 
-def auxk_loss(
-    x: Tensor, x_hat: Tensor, pre_acts: Tensor, dead: Tensor, aux_k: int, W_dec: Tensor
-) -> Tensor:
-    """AuxK loss: reconstruct the residual from the top pre-activations of dead latents."""
-    num_dead = int(dead.sum())
-    if num_dead == 0:
-        return x.new_zeros(())
+def auxk_select(pre: Tensor, latents: Tensor, aux_k: int) -> Tensor | None:
+    """``[B, min(aux_k, n)]`` ids of the largest pre-activations among ``latents`` (n of them), or None."""
+    num = int(latents.sum())
+    if num == 0:
+        return None
+    masked = torch.where(latents[None, :], pre, torch.full_like(pre, -torch.inf))
+    return masked.topk(min(aux_k, num), dim=-1, sorted=False).indices
+
+
+def auxk_loss(x: Tensor, x_hat: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """AuxK loss: reconstruct the residual from the selected dead latents' pre-activations."""
     residual = (x - x_hat).detach()
-    masked = torch.where(dead[None, :], pre_acts, torch.full_like(pre_acts, -torch.inf))
-    values, indices = masked.topk(min(aux_k, num_dead), dim=-1, sorted=False)
-    values = values.clamp_min(0)
-    residual_hat = torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    residual_hat = F.embedding_bag(indices, W_dec, per_sample_weights=values.clamp_min(0).to(W_dec.dtype), mode="sum")
     denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-8)
     return (residual_hat - residual).pow(2).sum() / denom
 
@@ -62,23 +69,50 @@ class TopKSAE(SAE):
         del self._initial_encoder
 
     def pre_activations(self, x: Tensor) -> Tensor:
+        """Dense ``ReLU(W_enc (x − b_dec) + b_enc)`` ``[B, M]`` with autograd (the reference path)."""
         return torch.relu(F.linear(x - self.b_dec, self.W_enc, self.b_enc))
 
     def forward(self, x: Tensor) -> SAEOutput:
+        # Select the k latents from pre-activations computed without autograd, then recompute
+        # only the kept ones with autograd (kept_dot): the backward costs k·d per token, not M·d.
         cfg: TopKConfig = self.cfg  # type: ignore[assignment]
-        pre = self.pre_activations(x)
-        values, indices = pre.topk(cfg.k, dim=-1, sorted=False)
+        x_c = x - self.b_dec
+        with torch.no_grad():
+            raw = F.linear(x_c, self.W_enc)  # [B, M]; bf16 under autocast
+            pre = torch.relu(raw + self.b_enc.to(raw.dtype))
+            indices = pre.topk(cfg.k, dim=-1, sorted=False).indices
+        values = self.kept_values(x_c, indices, raw)
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}
         if self.training and cfg.aux_coefficient > 0:
-            losses["auxk"] = self.aux_loss(x, x_hat, pre, self.dead_mask())
+            losses["auxk"] = self.aux_loss(
+                x, x_hat, pre, self.dead_mask(), values_of=lambda ids: self.kept_values(x_c, ids, raw)
+            )
         return SAEOutput(x_hat=x_hat, losses=losses, top_values=values, top_indices=indices)
 
-    def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, latents: Tensor) -> Tensor:
-        """AuxK over the given ``latents`` mask (dead ones here; subclasses pass their own)."""
+    def kept_values(self, x_c: Tensor, indices: Tensor, raw: Tensor | None = None) -> Tensor:
+        """``ReLU(W_enc[i] · x_c + b_enc[i])`` for the ids ``indices`` ``[B, k]``, sparse backward.
+
+        ``raw`` is the no-grad ``x_c @ W_encᵀ`` ``[B, M]`` when the caller has it.
+        """
+        dots = kept_dot(x_c, self.W_enc, indices, None if raw is None else raw.gather(1, indices))
+        return torch.relu(dots + self.b_enc[indices])
+
+    def aux_loss(
+        self, x: Tensor, x_hat: Tensor, pre: Tensor, latents: Tensor, values_of: Callable[[Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """AuxK over the given ``latents`` mask (dead ones here; subclasses pass their own).
+
+        The aux_k largest of ``pre`` among ``latents`` are selected without autograd; their values
+        come from ``values_of(ids)`` (sparse backward) or, by default, from ``pre`` itself.
+        """
         cfg: TopKConfig = self.cfg  # type: ignore[assignment]
         aux_k = cfg.aux_k or max(1, cfg.d_in // 2)
-        return cfg.aux_coefficient * auxk_loss(x, x_hat, pre, latents, aux_k, self.W_dec)
+        ids = auxk_select(pre.detach(), latents, aux_k)
+        if ids is None:
+            return x.new_zeros(())
+        values = pre.gather(1, ids) if values_of is None else values_of(ids)
+        return cfg.aux_coefficient * auxk_loss(x, x_hat, values, ids, self.W_dec)
 
     def flops_per_token(self) -> int:
         return self.cfg.num_latents * self.cfg.d_in + self.cfg.k * self.cfg.d_in
