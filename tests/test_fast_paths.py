@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import platform
@@ -203,6 +204,36 @@ def test_topk_sparse_backward_equals_dense_autograd_with_auxk():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
     # the encoder gradient lives on the kept (and AuxK-selected) rows only
     assert (grads["W_enc"].abs().sum(1) > 0).sum() < sae.cfg.num_latents
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchtopk_sparse_paths_equal_dense_autograd(training):
+    from moesae.saes.batchtopk import batch_topk_mask
+
+    sae = build_sae("batchtopk", d_in=16, num_latents=96, k=5, aux_k=7, seed=4)
+    _perturb(sae)
+    with torch.no_grad():
+        sae.tokens_since_fired[::4] = sae.cfg.dead_tokens_threshold
+        sae.threshold.fill_(0.3)
+    sae.train(training)
+    reference = copy.deepcopy(sae)  # the forward updates θ: both start from the same state
+    x = _skewed_batch()
+    # the code before issue #7: dense pre-activations with autograd, dense code, dense decode
+    pre = reference.pre_activations(x)
+    keep = batch_topk_mask(pre.detach(), 5 * x.shape[0]) if training else pre.detach() > 0.3
+    z = pre * keep
+    ref_x_hat = z @ reference.W_dec + reference.b_dec
+    ref_loss = (x - ref_x_hat).pow(2).sum(-1).mean()
+    if training:
+        ref_loss = ref_loss + reference.aux_loss(x, ref_x_hat, pre, reference.dead_mask())
+    ref_loss.backward()
+    out, grads = _forward_and_grads(sae, x)
+    torch.testing.assert_close(out.dense_code(96), z.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.x_hat, ref_x_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert out.l0() == keep.sum(1).float().mean()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
 
 
 def test_sparse_decode_equals_dense_decode_with_gradients():

@@ -138,7 +138,8 @@ def test_batchtopk_training_shares_the_budget_and_inference_uses_the_threshold()
     _set(sae, W_enc=torch.eye(3), W_dec=torch.eye(3), b_enc=[0, 0, 0], b_dec=[0, 0, 0])
     x = torch.tensor([[5.0, 4.0, 3.0], [1.0, 0.5, 0.0]])
     out = sae(x)  # budget k·B = 4: 5, 4, 3 from token 0 and 1 from token 1
-    assert torch.equal(out.latents, torch.tensor([[5.0, 4.0, 3.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(out.dense_code(3), torch.tensor([[5.0, 4.0, 3.0], [1.0, 0.0, 0.0]]))
+    assert out.l0() == 2.0  # padding entries (zeros) are not counted
     assert sae.threshold.item() == 1.0  # first update sets θ to the smallest kept value
     sae(torch.tensor([[3.0, 2.0, 0.0], [0.0, 0.0, 1.0]]))  # all 3 positives kept: smallest 1
     assert sae.threshold.item() == 1.0

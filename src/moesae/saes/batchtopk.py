@@ -11,16 +11,21 @@ tokens_since_fired) plus the buffer ``threshold`` [] — the global inference th
   (θ starts at the first batch's value, set in ``init_from_batch``).
 - **Inference** (eval mode): z = π · 1[π > θ], per token, no batch dependence; on data like the
   training data the mean L0 is ≈ k.
-x̂ = W_decᵀ z + b_dec (dense decode: the count per token varies). AuxK for dead latents as in TopK.
+x̂ = W_decᵀ z + b_dec. AuxK for dead latents as in TopK.
+
+The count per token varies, so the sparse code (``top_values``/``top_indices``) is padded to the
+batch's largest count with zeros. As in TopK, only the kept latents get gradients (sparse backward)
+and only their decoder rows are read (sparse decode).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .base import SAEOutput, _check, geometric_median, reconstruction_mse
+from .base import SAEOutput, _check, geometric_median, reconstruction_mse, sparse_decode
 from .registry import register
 from .topk import TopKConfig, TopKSAE
 
@@ -71,16 +76,27 @@ class BatchTopKSAE(TopKSAE):
         update_threshold(self.threshold, pre[batch_topk_mask(pre, self.cfg.k * x.shape[0])], 0.0)
 
     def forward(self, x: Tensor) -> SAEOutput:
+        # As TopK: select without autograd, recompute only the kept latents with autograd
+        # (sparse backward), decode the kept rows only. A token keeps a variable count, so the
+        # code is padded to the batch's largest count with zeros (masked, no gradient).
         cfg: BatchTopKConfig = self.cfg  # type: ignore[assignment]
-        pre = self.pre_activations(x)
-        if self.training:
-            keep = batch_topk_mask(pre, cfg.k * x.shape[0])
-            update_threshold(self.threshold, pre.detach()[keep], cfg.threshold_decay)
-        else:
-            keep = pre > self.threshold.clamp_min(0)
-        z = pre * keep.to(pre.dtype)
-        x_hat = self.decode(z)
+        x_c = x - self.b_dec
+        with torch.no_grad():
+            raw = F.linear(x_c, self.W_enc)
+            pre = torch.relu(raw + self.b_enc.to(raw.dtype))
+            if self.training:
+                keep = batch_topk_mask(pre, cfg.k * x.shape[0])
+                update_threshold(self.threshold, pre[keep], cfg.threshold_decay)
+            else:
+                keep = pre > self.threshold.clamp_min(0)
+            width = max(1, int(keep.sum(1).max()))
+            indices = (pre * keep.to(pre.dtype)).topk(width, dim=-1, sorted=False).indices
+            kept = keep.gather(1, indices)
+        values = self.kept_values(x_c, indices, raw) * kept
+        x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}
         if self.training and cfg.aux_coefficient > 0:
-            losses["auxk"] = self.aux_loss(x, x_hat, pre, self.dead_mask())
-        return SAEOutput(x_hat=x_hat, losses=losses, latents=z)
+            losses["auxk"] = self.aux_loss(
+                x, x_hat, pre, self.dead_mask(), values_of=lambda ids: self.kept_values(x_c, ids, raw)
+            )
+        return SAEOutput(x_hat=x_hat, losses=losses, top_values=values, top_indices=indices)
