@@ -1,9 +1,11 @@
 """The training grid: families × L0 values × seeds → named variants, and the ``train`` stage.
 
 ``params.yaml`` declares the grid compactly in ``grid`` (families, the L0 list, seeds) and the
-expanded, named variants in ``variants`` (what ``dvc.yaml`` iterates over, one stage each, so that
-changing one variant retrains only that variant). ``moesae profile NAME`` regenerates
-``params.yaml`` from ``profiles/NAME.yaml`` with the variants expanded.
+expanded, named variants in ``variants``. ``dvc.yaml`` has one train stage per family; inside it a
+variant is retrained only when its fingerprint changed: its config, the training recipe, or the
+source code it trains with (its architecture's module and the package modules that imports, and
+the trainer). ``moesae profile NAME`` regenerates ``params.yaml`` from ``profiles/NAME.yaml`` with
+the variants expanded.
 
 A family is a dict of SAE config fields plus ``architecture``; ``num_latents`` may be written as a
 fraction of the grid's width (``width_fraction``), e.g. the FLOP-matched TopK at M/32.
@@ -11,7 +13,9 @@ fraction of the grid's width (``width_fraction``), e.g. the FLOP-matched TopK at
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
+import inspect
 import json
 import shutil
 import time
@@ -139,9 +143,52 @@ def family_variants(params: dict[str, Any], family: str) -> list[str]:
     return names
 
 
+def _package_imports(files: list[Path]) -> list[Path]:
+    """``files`` plus every module of this package they import (relative imports), transitively."""
+    seen: set[Path] = set()
+    todo = list(files)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1 and node.module:
+                base = path.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                dep = base.joinpath(*node.module.split(".")).with_suffix(".py")
+                if dep.is_file():
+                    todo.append(dep)
+    return sorted(seen)
+
+
+def code_fingerprint(architecture: str) -> str:
+    """Hash of the source that determines how ``architecture`` trains.
+
+    Its module, the package modules it imports (transitively), and the trainer with its imports —
+    so a code change retrains exactly the architectures it can affect, and a new architecture's
+    file retrains nothing else.
+    """
+    from .saes.registry import PRESETS, REGISTRY
+
+    name = PRESETS[architecture][0] if architecture in PRESETS else architecture
+    if name not in REGISTRY:
+        raise ParamsError(f"params.yaml: unknown architecture '{architecture}' (choose one of {sorted(REGISTRY)})")
+    package = Path(__file__).resolve().parent
+    files = _package_imports([Path(inspect.getfile(REGISTRY[name])).resolve(), package / "train.py"])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def training_fingerprint(variant: dict[str, Any], train_section: dict[str, Any]) -> str:
-    """Hash of everything that determines a variant's trained weights (its config + the recipe)."""
-    blob = json.dumps({"variant": variant, "train": train_section}, sort_keys=True, default=str)
+    """Hash of everything that determines a variant's trained weights: its config, the recipe and the code."""
+    import moesae.saes  # noqa: F401  (registers the architectures)
+
+    code = code_fingerprint(str(variant.get("architecture")))
+    blob = json.dumps({"variant": variant, "train": train_section, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
