@@ -51,6 +51,26 @@ def update_threshold(threshold: Tensor, kept_values: Tensor, decay: float) -> No
         threshold.mul_(decay).add_((1 - decay) * smallest)
 
 
+@torch.no_grad()
+def select_batch_topk(
+    scores: Tensor, k: int, threshold: Tensor, decay: float, training: bool
+) -> tuple[Tensor, Tensor]:
+    """Kept positions ``[B, width]`` of each row and the mask of the real ones (padding: False).
+
+    Training: the k·B largest entries of the whole matrix, and θ is updated from the smallest kept
+    value; inference: the entries above θ. Rows keep different counts, so positions are padded to
+    the largest count in the batch.
+    """
+    if training:
+        keep = batch_topk_mask(scores, k * scores.shape[0])
+        update_threshold(threshold, scores[keep], decay)
+    else:
+        keep = scores > threshold.clamp_min(0)
+    width = max(1, int(keep.sum(1).max()))
+    positions = (scores * keep.to(scores.dtype)).topk(width, dim=-1, sorted=False).indices
+    return positions, keep.gather(1, positions)
+
+
 @dataclass
 class BatchTopKConfig(TopKConfig):
     threshold_decay: float = 0.99
@@ -84,14 +104,7 @@ class BatchTopKSAE(TopKSAE):
         with torch.no_grad():
             raw = F.linear(x_c, self.W_enc)
             pre = torch.relu(raw + self.b_enc.to(raw.dtype))
-            if self.training:
-                keep = batch_topk_mask(pre, cfg.k * x.shape[0])
-                update_threshold(self.threshold, pre[keep], cfg.threshold_decay)
-            else:
-                keep = pre > self.threshold.clamp_min(0)
-            width = max(1, int(keep.sum(1).max()))
-            indices = (pre * keep.to(pre.dtype)).topk(width, dim=-1, sorted=False).indices
-            kept = keep.gather(1, indices)
+            indices, kept = select_batch_topk(pre, cfg.k, self.threshold, cfg.threshold_decay, self.training)
         values = self.kept_values(x_c, indices, raw) * kept
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import SAEOutput, _check, reconstruction_mse, sparse_decode
-from .batchtopk import batch_topk_mask, update_threshold
+from .batchtopk import select_batch_topk
 from .moe import SHARED_EXPERT, MoEConfig, MoESAE, encoder_statistics
 from .registry import register
 
@@ -144,15 +144,7 @@ class ScaleSAE(MoESAE):
         cfg: ScaleConfig = self.cfg  # type: ignore[assignment]
         if not cfg.batch_topk:
             return candidates.topk(cfg.k, dim=-1, sorted=False).indices, None
-        candidates = candidates.detach()
-        if self.training:
-            keep = batch_topk_mask(candidates, cfg.k * candidates.shape[0])
-            update_threshold(self.threshold, candidates[keep], cfg.threshold_decay)
-        else:
-            keep = candidates > self.threshold.clamp_min(0)
-        width = max(1, int(keep.sum(1).max()))
-        positions = (candidates * keep.to(candidates.dtype)).topk(width, dim=-1, sorted=False).indices
-        return positions, keep.gather(1, positions)
+        return select_batch_topk(candidates.detach(), cfg.k, self.threshold, cfg.threshold_decay, self.training)
 
     def effective_encoders(self, ids: Tensor) -> Tensor:
         """Ŵ for the experts ``ids``: ``[len(ids), m, d]``. Only these experts are touched."""
