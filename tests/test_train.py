@@ -124,3 +124,21 @@ def test_decoder_rows_stay_unit_norm():
     # rows have drifted only by second-order terms
     norms = run.sae.W_dec.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-3)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="thread-order nondeterminism needs at least 2 threads")
+@pytest.mark.parametrize("architecture,extra", [("scale", {"num_experts": 16, "active_experts": 2}), ("topk", {})])
+def test_multithreaded_training_is_bit_for_bit_reproducible(architecture, extra):
+    # Large enough that the gradient scatter into repeated rows runs on several threads (with
+    # advanced-indexing backward, two identical runs differed in the last bits at this size).
+    data = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0)) * 2 + 1
+
+    def train() -> dict[str, torch.Tensor]:
+        sae = build_sae(architecture, d_in=64, num_latents=2048, k=32, seed=0, **extra)
+        run = TrainingRun("r", sae, TrainConfig(steps=8, log_every=4, checkpoint_every=0))
+        train_saes([run], tensor_batches(data, 1024, seed=0), progress=False)
+        return sae.state_dict()
+
+    first, second = train(), train()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name

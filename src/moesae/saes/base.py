@@ -127,6 +127,16 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     return out + b_dec
 
 
+def take(t: Tensor, index: Tensor) -> Tensor:
+    """``t[index]`` (rows of ``t`` along dim 0, shape ``index.shape + t.shape[1:]``), reproducibly.
+
+    The backward of advanced indexing (``index_put_`` with accumulation) is not deterministic on a
+    multi-threaded CPU: summing gradients into a repeated row happens in a thread-dependent order,
+    so two identical trainings drift apart in the last bits. ``index_select``'s backward is.
+    """
+    return t.index_select(0, index.reshape(-1)).view(*index.shape, *t.shape[1:])
+
+
 class _KeptDot(torch.autograd.Function):
     """``out[t, j] = W[indices[t, j]] · x[t]`` with a backward that touches only the kept rows."""
 

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .base import SAE, SAEConfig, _check, geometric_median, kept_dot
+from .base import SAE, SAEConfig, _check, geometric_median, kept_dot, take
 
 DISPATCH_MODES = ("auto", "grouped", "loop", "all")
 ROUTERS = ("learned", "moex")
@@ -128,7 +128,7 @@ def feature_scaling_terms(x: Tensor, experts: Tensor, omega: Tensor, low_freq: T
     L · x for all N experts is one thin matmul; gathering L per token first would make the
     backward a slow scatter-add of ``[B, e, d]`` rows into ``[N, d]``.
     """
-    return omega[experts], (x @ low_freq.T).gather(1, experts)
+    return take(omega, experts), (x @ low_freq.T).gather(1, experts)
 
 
 def scale_outputs(raw: Tensor, omega_sel: Tensor, low_dot_x: Tensor) -> Tensor:
@@ -248,7 +248,7 @@ def dispatch_experts(
         omega_sel, low_dot_x = feature_scaling_terms(x, experts, omega, low_freq)  # type: ignore[arg-type]
         pre = scale_outputs(pre, omega_sel[:, :, None], low_dot_x[:, :, None])
     if expert_bias is not None and not fuse_bias:
-        pre = pre + expert_bias[experts].to(pre.dtype)
+        pre = pre + take(expert_bias, experts).to(pre.dtype)
     return pre
 
 
@@ -331,7 +331,7 @@ class MoESAE(SAE):
             omega_sel, low_dot_x = feature_scaling_terms(x_c, experts, omega, low_freq)  # type: ignore[arg-type]
             pre_kept = scale_outputs(pre_kept, omega_sel.gather(1, slot), low_dot_x.gather(1, slot))
         if bias is not None:
-            pre_kept = pre_kept + bias.view(N * m)[ids]
+            pre_kept = pre_kept + take(bias.view(N * m), ids)
         values = torch.relu(pre_kept) * gates.gather(1, slot).to(pre_kept.dtype)
         return (values if keep is None else values * keep), ids
 

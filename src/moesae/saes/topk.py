@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import SAE, SAEConfig, SAEOutput, _check, kept_dot, reconstruction_mse, sparse_decode
+from .base import SAE, SAEConfig, SAEOutput, _check, kept_dot, reconstruction_mse, sparse_decode, take
 from .registry import register
 
 
@@ -96,7 +96,7 @@ class TopKSAE(SAE):
         ``raw`` is the no-grad ``x_c @ W_encᵀ`` ``[B, M]`` when the caller has it.
         """
         dots = kept_dot(x_c, self.W_enc, indices, None if raw is None else raw.gather(1, indices))
-        return torch.relu(dots + self.b_enc[indices])
+        return torch.relu(dots + take(self.b_enc, indices))
 
     def aux_loss(
         self, x: Tensor, x_hat: Tensor, pre: Tensor, latents: Tensor, values_of: Callable[[Tensor], Tensor] | None = None
