@@ -22,10 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .base import SAEOutput, _check, geometric_median, reconstruction_mse, sparse_decode
+from .base import SAEOutput, _check, geometric_median
 from .registry import register
 from .topk import TopKConfig, TopKSAE
 
@@ -101,15 +100,6 @@ class BatchTopKSAE(TopKSAE):
         # code is padded to the batch's largest count with zeros (masked, no gradient).
         cfg: BatchTopKConfig = self.cfg  # type: ignore[assignment]
         x_c = x - self.b_dec
-        with torch.no_grad():
-            raw = F.linear(x_c, self.W_enc)
-            pre = torch.relu(raw + self.b_enc.to(raw.dtype))
-            indices, kept = select_batch_topk(pre, cfg.k, self.threshold, cfg.threshold_decay, self.training)
-        values = self.kept_values(x_c, indices, raw) * kept
-        x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
-        losses = {"mse": reconstruction_mse(x, x_hat)}
-        if self.training and cfg.aux_coefficient > 0:
-            losses["auxk"] = self.aux_loss(
-                x, x_hat, pre, self.dead_mask(), values_of=lambda ids: self.kept_values(x_c, ids, raw)
-            )
-        return SAEOutput(x_hat=x_hat, losses=losses, top_values=values, top_indices=indices)
+        raw, pre = self.selection_preactivations(x_c)
+        indices, kept = select_batch_topk(pre, cfg.k, self.threshold, cfg.threshold_decay, self.training)
+        return self.sparse_output(x, x_c, indices, raw, pre, kept)

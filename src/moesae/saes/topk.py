@@ -75,16 +75,31 @@ class TopKSAE(SAE):
     def forward(self, x: Tensor) -> SAEOutput:
         # Select the k latents from pre-activations computed without autograd, then recompute
         # only the kept ones with autograd (kept_dot): the backward costs k·d per token, not M·d.
-        cfg: TopKConfig = self.cfg  # type: ignore[assignment]
         x_c = x - self.b_dec
-        with torch.no_grad():
-            raw = F.linear(x_c, self.W_enc)  # [B, M]; bf16 under autocast
-            pre = torch.relu(raw + self.b_enc.to(raw.dtype))
-            indices = pre.topk(cfg.k, dim=-1, sorted=False).indices
+        raw, pre = self.selection_preactivations(x_c)
+        indices = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
+        return self.sparse_output(x, x_c, indices, raw, pre)
+
+    @torch.no_grad()
+    def selection_preactivations(self, x_c: Tensor) -> tuple[Tensor, Tensor]:
+        """``raw = x_c W_encᵀ`` and ``pre = ReLU(raw + b_enc)``, both ``[B, M]``, without autograd.
+
+        They only choose the code (bf16 under autocast); the kept values get their gradients
+        from :meth:`kept_values`.
+        """
+        raw = F.linear(x_c, self.W_enc)
+        return raw, torch.relu(raw + self.b_enc.to(raw.dtype))
+
+    def sparse_output(
+        self, x: Tensor, x_c: Tensor, indices: Tensor, raw: Tensor, pre: Tensor, keep: Tensor | None = None
+    ) -> SAEOutput:
+        """The code at ``indices`` ``[B, width]`` (times the mask ``keep`` if given), decoded, with its losses."""
         values = self.kept_values(x_c, indices, raw)
+        if keep is not None:
+            values = values * keep
         x_hat = sparse_decode(values, indices, self.W_dec, self.b_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}
-        if self.training and cfg.aux_coefficient > 0:
+        if self.training and self.cfg.aux_coefficient > 0:  # type: ignore[attr-defined]
             losses["auxk"] = self.aux_loss(
                 x, x_hat, pre, self.dead_mask(), values_of=lambda ids: self.kept_values(x_c, ids, raw)
             )
