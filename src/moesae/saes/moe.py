@@ -314,11 +314,12 @@ class MoESAE(SAE):
             values = candidates.gather(1, candidate_idx)
             return (values if keep is None else values * keep), self._global_ids(candidate_idx, experts)
 
+        if omega is not None:  # [B, e], with autograd: the kept entries' scaling is gathered from these
+            omega_sel, low_dot_x = feature_scaling_terms(x_c, experts, omega, low_freq)  # type: ignore[arg-type]
         with torch.no_grad():
             raw = dispatch_experts(x_c, experts, self.W_enc, None, N, cfg.dispatch)  # [B, e, m]
             pre = raw
             if omega is not None:
-                omega_sel, low_dot_x = feature_scaling_terms(x_c, experts, omega, low_freq)  # type: ignore[arg-type]
                 pre = scale_outputs(raw, omega_sel[:, :, None], low_dot_x[:, :, None])
             if bias is not None:
                 pre = pre + bias[experts].to(pre.dtype)
@@ -328,7 +329,6 @@ class MoESAE(SAE):
         slot = candidate_idx // m
         pre_kept = kept_dot(x_c, self.W_enc.view(N * m, d), ids, raw_kept)
         if omega is not None:
-            omega_sel, low_dot_x = feature_scaling_terms(x_c, experts, omega, low_freq)  # type: ignore[arg-type]
             pre_kept = scale_outputs(pre_kept, omega_sel.gather(1, slot), low_dot_x.gather(1, slot))
         if bias is not None:
             pre_kept = pre_kept + take(bias.view(N * m), ids)
