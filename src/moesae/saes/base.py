@@ -200,6 +200,36 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = "base"
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
 
+    # ---- architecture facts (read by the grid, evaluation, figures, auto-interp, synthetic) ----
+    # Everything the rest of the package needs to know about an architecture lives here, so a new
+    # architecture is one file: see :func:`moesae.saes.registry.describe`.
+    display_name: ClassVar[str] = "SAE"
+    """How legends and tables name the architecture."""
+    l0_is_set: ClassVar[bool] = True
+    """True: ``k`` fixes L0 (TopK family). False: L0 is measured (a sparsity coefficient sets it)."""
+    is_moe: ClassVar[bool] = False
+    """Mixture of experts: features are split into experts chosen per token by a router."""
+
+    @classmethod
+    def max_k(cls, cfg: SAEConfig) -> int:
+        """The largest k this configuration can keep per token (the candidates its TopK sees)."""
+        return cfg.num_latents
+
+    @classmethod
+    def active_width(cls, cfg: SAEConfig) -> int:
+        """Encoder rows computed per token (M for a dense SAE, e·M/N for a MoE SAE)."""
+        return cfg.num_latents
+
+    @classmethod
+    def forward_flops(cls, cfg: SAEConfig) -> int:
+        """Forward multiply-accumulates per token: active encoder rows + router + k decoder rows."""
+        return cls.active_width(cfg) * cfg.d_in + cfg.k * cfg.d_in
+
+    @classmethod
+    def config_label(cls, cfg: SAEConfig) -> str:
+        """A short name of this configuration for legends, e.g. ``Scale (16,2)``."""
+        return cls.display_name
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -223,8 +253,9 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> SAEOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def flops_per_token(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def flops_per_token(self) -> int:
+        """Forward multiply-accumulates per token (docs/method.md#metrics)."""
+        return self.forward_flops(self.cfg)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

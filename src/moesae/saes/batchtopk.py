@@ -83,6 +83,7 @@ class BatchTopKConfig(TopKConfig):
 @register("batchtopk", "mutual_choice")
 class BatchTopKSAE(TopKSAE):
     config_class = BatchTopKConfig
+    display_name = "BatchTopK"
 
     def __init__(self, cfg: BatchTopKConfig) -> None:
         super().__init__(cfg)

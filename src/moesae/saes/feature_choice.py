@@ -100,6 +100,11 @@ class FeatureChoiceSAE(TopKSAE):
     """``aux_coefficient`` (inherited) weights the aux_zipf loss; ``aux_k`` its k_aux."""
 
     config_class = FeatureChoiceConfig
+    display_name = "Feature Choice"
+
+    @classmethod
+    def config_label(cls, cfg: FeatureChoiceConfig) -> str:
+        return f"{cls.display_name} ({cfg.capacity})"
 
     def __init__(self, cfg: FeatureChoiceConfig) -> None:
         super().__init__(cfg)

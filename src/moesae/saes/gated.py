@@ -33,6 +33,7 @@ class GatedConfig(CoefficientSparsityConfig):
 @register("gated")
 class GatedSAE(CoefficientSparsitySAE):
     config_class = GatedConfig
+    display_name = "Gated"
 
     def __init__(self, cfg: GatedConfig) -> None:
         super().__init__(cfg)

@@ -90,6 +90,7 @@ class JumpReLUConfig(CoefficientSparsityConfig):
 @register("jumprelu")
 class JumpReLUSAE(CoefficientSparsitySAE):
     config_class = JumpReLUConfig
+    display_name = "JumpReLU"
 
     def __init__(self, cfg: JumpReLUConfig) -> None:
         super().__init__(cfg)

@@ -335,9 +335,6 @@ class MoESAE(SAE):
         values = torch.relu(pre_kept) * gates.gather(1, slot).to(pre_kept.dtype)
         return (values if keep is None else values * keep), ids
 
-    def active_experts_per_token(self) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
-
     def encoder_statistics(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Statistics of each expert's (effective) encoder for the ``moex`` router."""
         return encoder_statistics(self.W_enc, getattr(self, "b_enc", None))
@@ -362,9 +359,32 @@ class MoESAE(SAE):
             return load_balance_loss(probs[:, SHARED_EXPERT + 1 :], top_expert - 1)
         return load_balance_loss(probs, top_expert)
 
-    def flops_per_token(self) -> int:
+    # ---- architecture facts ---------------------------------------------------------------
+    is_moe = True
+
+    @classmethod
+    def experts_per_token(cls, cfg: MoEConfig) -> int:
+        """Routed experts each token uses (e; 1 for Switch), not counting a shared expert."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def active_experts_per_token(self) -> int:
+        return self.experts_per_token(self.cfg)  # type: ignore[arg-type]
+
+    @classmethod
+    def max_k(cls, cfg: MoEConfig) -> int:  # type: ignore[override]
+        return cls.active_width(cfg)
+
+    @classmethod
+    def active_width(cls, cfg: MoEConfig) -> int:  # type: ignore[override]
+        """(e + shared expert) · m encoder rows per token."""
+        return (cls.experts_per_token(cfg) + int(cfg.shared_expert)) * cfg.expert_size
+
+    @classmethod
+    def forward_flops(cls, cfg: MoEConfig) -> int:  # type: ignore[override]
         """Router (N·d learned, 2·N·d moex) + active experts' encoders + k decoder rows."""
-        cfg: MoEConfig = self.cfg  # type: ignore[assignment]
-        e = self.active_experts_per_token() + int(cfg.shared_expert)
         router = cfg.num_experts * cfg.d_in * (2 if cfg.router == "moex" else 1)
-        return router + e * cfg.expert_size * cfg.d_in + cfg.k * cfg.d_in
+        return router + cls.active_width(cfg) * cfg.d_in + cfg.k * cfg.d_in
+
+    @classmethod
+    def routing_suffix(cls, cfg: MoEConfig) -> str:
+        return ("" if cfg.router == "learned" else f", {cfg.router}") + (", shared" if cfg.shared_expert else "")

@@ -39,12 +39,29 @@ def available_architectures() -> list[str]:
     return sorted(set(REGISTRY) | set(PRESETS))
 
 
-def build_sae(architecture: str, **config: Any) -> SAE:
-    """Build an SAE by architecture (or preset) name; ``config`` are its config fields.
+@dataclasses.dataclass(frozen=True)
+class ArchitectureFacts:
+    """What the grid, evaluation, figures, auto-interp and the synthetic benchmark know about one
+    configuration. Read from the architecture's class (see ``SAE`` in ``base.py``); nothing else
+    in the package keeps a list of architectures."""
 
-    Raises ``ValueError`` naming the field for unknown architectures, unknown fields and bad values,
-    before any tensor is allocated.
-    """
+    architecture: str
+    """The name used in the config (may be a preset)."""
+    base_architecture: str
+    """The registered class's name (a preset resolves to it)."""
+    display_name: str
+    label: str
+    """This configuration's short name, e.g. ``Scale (16,2)``."""
+    l0_is_set: bool
+    is_moe: bool
+    max_k: int
+    active_width: int
+    flops_per_token: int
+
+
+def resolve(architecture: str, config: dict[str, Any] | None = None) -> tuple[type[SAE], dict[str, Any]]:
+    """The registered class and the config fields a (possibly preset) architecture name builds."""
+    config = dict(config or {})
     if architecture in PRESETS:
         base, fixed = PRESETS[architecture]
         clash = {k for k in fixed if k in config and config[k] != fixed[k]}
@@ -53,7 +70,7 @@ def build_sae(architecture: str, **config: Any) -> SAE:
                 f"invalid SAE config field '{sorted(clash)[0]}': preset '{architecture}' fixes it to "
                 f"{fixed[sorted(clash)[0]]!r}"
             )
-        return build_sae(base, **{**config, **fixed})
+        return resolve(base, {**config, **fixed})
     if architecture not in REGISTRY:
         raise ValueError(
             f"invalid SAE config field 'architecture': unknown architecture '{architecture}'; "
@@ -67,8 +84,39 @@ def build_sae(architecture: str, **config: Any) -> SAE:
             f"invalid SAE config field '{unknown[0]}': not a field of architecture '{architecture}' "
             f"(its fields: {sorted(fields)})"
         )
-    cfg = cls.config_class(**config)
-    return cls(cfg)
+    return cls, config
+
+
+def architecture_class(architecture: str) -> type[SAE]:
+    """The class an architecture (or preset) name builds."""
+    return resolve(architecture)[0]
+
+
+def describe(architecture: str, **config: Any) -> ArchitectureFacts:
+    """The facts of one configuration, validated, without allocating any tensor.
+
+    ``d_in`` defaults to 1 and ``k`` to 1 when absent (``max_k`` and ``active_width`` do not depend
+    on them; ``flops_per_token`` does).
+    """
+    config.setdefault("d_in", 1)
+    config.setdefault("k", 1)
+    cls, fields = resolve(architecture, config)
+    cfg = cls.config_class(**fields)
+    return ArchitectureFacts(
+        architecture=architecture, base_architecture=cls.architecture, display_name=cls.display_name,
+        label=cls.config_label(cfg), l0_is_set=cls.l0_is_set, is_moe=cls.is_moe, max_k=cls.max_k(cfg),
+        active_width=cls.active_width(cfg), flops_per_token=cls.forward_flops(cfg),
+    )
+
+
+def build_sae(architecture: str, **config: Any) -> SAE:
+    """Build an SAE by architecture (or preset) name; ``config`` are its config fields.
+
+    Raises ``ValueError`` naming the field for unknown architectures, unknown fields and bad values,
+    before any tensor is allocated.
+    """
+    cls, fields = resolve(architecture, config)
+    return cls(cls.config_class(**fields))
 
 
 def load_sae(path: str | Path) -> SAE:

@@ -71,6 +71,8 @@ class CoefficientSparsityConfig(SAEConfig):
 class CoefficientSparsitySAE(SAE):
     """Shared parts: dense encoder, input scale, calibrated coefficient, quantile bias init."""
 
+    l0_is_set = False  # a calibrated coefficient sets sparsity; FLOPs count k (the target L0) decoded rows
+
     def __init__(self, cfg: CoefficientSparsityConfig) -> None:
         super().__init__(cfg)
         self.W_enc = nn.Parameter(self._initial_encoder.clone())
@@ -133,9 +135,6 @@ class CoefficientSparsitySAE(SAE):
     def decoder_norms(self) -> Tensor:
         return self.W_dec.norm(dim=1)
 
-    def flops_per_token(self) -> int:
-        """Dense encoder M·d plus decoding the target L0 (k) latents: k·d."""
-        return self.cfg.num_latents * self.cfg.d_in + self.cfg.k * self.cfg.d_in
 
 
 @dataclass
@@ -146,6 +145,7 @@ class ReLUConfig(CoefficientSparsityConfig):
 @register("relu")
 class ReLUSAE(CoefficientSparsitySAE):
     config_class = ReLUConfig
+    display_name = "ReLU (L1)"
 
     def __init__(self, cfg: ReLUConfig) -> None:
         super().__init__(cfg)

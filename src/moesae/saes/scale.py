@@ -87,6 +87,7 @@ class ScaleConfig(MoEConfig):
 @register("scale")
 class ScaleSAE(MoESAE):
     config_class = ScaleConfig
+    display_name = "Scale"
 
     def __init__(self, cfg: ScaleConfig) -> None:
         super().__init__(cfg)
@@ -105,8 +106,17 @@ class ScaleSAE(MoESAE):
         if cfg.batch_topk:
             self.register_buffer("threshold", torch.full((), -1.0))
 
-    def active_experts_per_token(self) -> int:
-        return self.cfg.active_experts  # type: ignore[attr-defined]
+    @classmethod
+    def experts_per_token(cls, cfg: ScaleConfig) -> int:  # type: ignore[override]
+        return cfg.active_experts
+
+    @classmethod
+    def config_label(cls, cfg: ScaleConfig) -> str:  # type: ignore[override]
+        if cfg.active_experts == 1 and cfg.feature_scaling == "none" and cfg.gate == "prob_softmax":
+            return f"Switch (authors', e=1, N={cfg.num_experts})"
+        scaling = {"mean": "", "none": ", no FS"}.get(cfg.feature_scaling, f", {cfg.feature_scaling} FS")
+        extra = ", batch TopK" if cfg.batch_topk else ""
+        return f"{cls.display_name} ({cfg.num_experts},{cfg.active_experts}){scaling}{extra}{cls.routing_suffix(cfg)}"
 
     def router_logits(self, x: Tensor) -> Tensor:
         if self.cfg.router == "moex":  # type: ignore[attr-defined]

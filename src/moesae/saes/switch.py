@@ -42,9 +42,15 @@ class SwitchConfig(MoEConfig):
 @register("switch")
 class SwitchSAE(MoESAE):
     config_class = SwitchConfig
+    display_name = "Switch"
 
-    def active_experts_per_token(self) -> int:
+    @classmethod
+    def experts_per_token(cls, cfg: SwitchConfig) -> int:  # type: ignore[override]
         return 1
+
+    @classmethod
+    def config_label(cls, cfg: SwitchConfig) -> str:  # type: ignore[override]
+        return f"{cls.display_name}-{cfg.num_experts}{cls.routing_suffix(cfg)}"
 
     def select_top_k(self, candidates: Tensor) -> tuple[Tensor, None]:
         """TopK_k over the candidates (the routed expert's m, or 2·m with the shared expert)."""

@@ -61,6 +61,11 @@ def auxk_loss(x: Tensor, x_hat: Tensor, values: Tensor, indices: Tensor, W_dec: 
 @register("topk")
 class TopKSAE(SAE):
     config_class = TopKConfig
+    display_name = "TopK"
+
+    @classmethod
+    def config_label(cls, cfg: TopKConfig) -> str:
+        return f"{cls.display_name}-{cfg.num_latents}"
 
     def __init__(self, cfg: TopKConfig) -> None:
         super().__init__(cfg)
@@ -129,5 +134,3 @@ class TopKSAE(SAE):
         values = pre.gather(1, ids) if values_of is None else values_of(ids)
         return cfg.aux_coefficient * auxk_loss(x, x_hat, values, ids, self.W_dec)
 
-    def flops_per_token(self) -> int:
-        return self.cfg.num_latents * self.cfg.d_in + self.cfg.k * self.cfg.d_in
