@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .precision import AUTOCAST_MODES, autocast_context, make_adam, maybe_compile, resolve_autocast
-from .saes.base import SAE, lr_for_width
+from ..precision import AUTOCAST_MODES, autocast_context, make_adam, maybe_compile, resolve_autocast
+from ..saes.base import SAE, lr_for_width
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
