@@ -6,16 +6,17 @@ heavy imports (torch, transformers) happen only for the stage that runs.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 STAGES = {
     "corpus": ("moesae.corpus", "prepare the training / held-out / cross-domain text"),
     "subject-model": ("moesae.subject_model", "train (default) or fetch (paper) the subject model"),
     "activations": ("moesae.activations", "cache the subject model's activations at the hook"),
-    "profile": ("moesae.grid", "write params.yaml from profiles/NAME.yaml (default, paper)"),
-    "train": ("moesae.grid", "train one grid variant (or several in one pass)"),
+    "profile": ("moesae.profiles", "write params.yaml from profiles/NAME.yaml (merged onto the default)"),
+    "train": ("moesae.training.stage", "train a grid family (or named variants) in one pass"),
     "evaluate": ("moesae.evaluate", "evaluate one trained SAE on held-out data"),
-    "collect": ("moesae.evaluate", "collect every evaluation into results/metrics.csv"),
+    "collect": ("moesae.collect", "collect every evaluation into results/ tables and DVC metrics"),
     "autointerp": ("moesae.autointerp", "explain-and-score features (Fig 3d)"),
     "synthetic": ("moesae.synthetic", "ground-truth feature-recovery benchmark"),
     "figure": ("moesae.notebooks", "execute one figure notebook (papermill) and export its HTML"),
@@ -43,12 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(entry(rest) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Our own errors carry the explanation; a traceback from deep inside torch helps nobody.
-        if getattr(exc, "__module__", "").startswith("torch"):
+        # Errors raised on purpose by our own code carry the explanation and the fix: print the
+        # message only. Anything raised elsewhere (torch, numpy, a bug) keeps its traceback, as
+        # does every error with MOESAE_TRACEBACK=1.
+        if os.environ.get("MOESAE_TRACEBACK") or not raised_by_moesae(exc):
             raise
         print(f"moesae {stage}: error: {exc}", file=sys.stderr)
         return 1
 
+
+def raised_by_moesae(exc: BaseException) -> bool:
+    """True when the innermost frame of ``exc`` is this package's own ``raise`` statement."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    package = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,9 +1,8 @@
-"""The ``evaluate`` and ``collect`` stages: every metric of SPEC §5 for one trained SAE, on held-out
+"""The ``evaluate`` stage: every metric of docs/method.md#metrics for one trained SAE, on held-out
 data only (never the training batches).
 
-``moesae evaluate --variant NAME`` writes ``results/eval/NAME.json``; ``moesae collect`` gathers
-every variant's JSON into ``results/metrics.csv`` (one row per variant), ``results/metrics.json``
-(the DVC metrics file) and the tables the figures read (``results/tables/``).
+``moesae evaluate --family F`` (or ``--variant NAME``) writes ``results/eval/<family>/NAME.json``;
+``moesae collect`` (:mod:`moesae.collect`) gathers them into the tables the figures read.
 
 What is measured, and on what:
 
@@ -27,7 +26,7 @@ What is measured, and on what:
   code at the word's first sub-token. Specialisation CDF from the experts owning each probe
   token's top ``probe_top_features`` features (experts ranked by how many they own); activation
   overlap from each token's top-k features (k = the SAE's k), pairs i < j counted once.
-- **Cost**: parameters, FLOPs per token (SPEC §5, from the SAE), measured training tokens/s.
+- **Cost**: parameters, FLOPs per token (an architecture fact), measured training tokens/s.
 
 Dense SAEs have no experts: their MoE fields are NaN (``null`` in the JSON) and arrays empty.
 """
@@ -48,24 +47,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import metrics as mt
-from .params import ParamsError, load_params, section_to
+from .devices import check_device, resolve_device
+from .io import atomic_write_json
+from .params import ParamsError, load_params, require, section_to
 
 RESULTS_DIR = Path("results")
 EVAL_SUBDIR = "eval"
 SPLITS = ("heldout", "cross")
-
-# metrics.csv column order (the contract the figures and the report read); extra scalars follow.
-IDENTITY_COLUMNS = [
-    "variant", "family", "architecture", "d_in", "num_latents", "num_experts", "active_experts",
-    "feature_scaling", "gate", "k", "seed",
-]
-COST_COLUMNS = ["params", "flops_per_token", "train_tokens_per_s"]
-SPLIT_COLUMNS = [
-    "mse", "fvu", "l0", "loss_recovered_zero", "loss_recovered_zero_{}_std", "loss_recovered_mean",
-    "loss_recovered_mean_{}_std", "ce_clean", "ce_recon", "ce_zero", "ce_mean",
-]
-ARRAY_KEYS = ("omega", "expert_usage", "specialisation_cdf")
-
 
 # ---- configuration ----------------------------------------------------------------------------
 @dataclass
@@ -74,7 +62,7 @@ class EvaluateConfig:
 
     batch_tokens: int = 4096
     """Tokens per SAE forward pass in the reconstruction pass."""
-    max_tokens: int | None = 65536
+    max_tokens: int | None = 32768
     """Cached tokens per split used for MSE / FVU / L0 / dead fraction (null = the whole cache)."""
     loss_batches: int = 4
     """Batches of documents for loss recovered (mean and std over batches are reported)."""
@@ -120,13 +108,13 @@ class EvaluateConfig:
             bad("expert_redundancy_threshold", f"must be a cosine in [-1, 1], got {self.expert_redundancy_threshold!r}")
         if "{w}" not in str(self.probe_template):
             bad("probe_template", f"must contain '{{w}}' where the probe word goes, got {self.probe_template!r}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith(("cuda", "mps"))):
-            bad("device", f"must be cpu, cuda[:N], mps or auto, got {self.device!r}")
+        try:
+            check_device(self.device)
+        except ValueError as exc:
+            bad("device", str(exc))
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device, "evaluate.device")
 
 
 # ---- what evaluate_sae needs from the other stages (see moesae.subject_model / .activations) --
@@ -175,7 +163,7 @@ def load_probe_words(name: str) -> list[str]:
 
 # ---- the core ---------------------------------------------------------------------------------
 def _is_moe(sae) -> bool:
-    return hasattr(sae, "expert_of_feature") and hasattr(sae.cfg, "num_experts")
+    return type(sae).is_moe
 
 
 def _sparse_code(out, num_latents: int) -> tuple[Tensor, Tensor]:
@@ -198,8 +186,12 @@ def _top_features(values: Tensor, indices: Tensor, count: int) -> tuple[Tensor, 
 
 def _identity(sae) -> dict[str, Any]:
     cfg = sae.config_dict()
+    cls = type(sae)
     row = {
         "architecture": cfg.get("architecture"),
+        "label": cls.config_label(sae.cfg),
+        "l0_is_set": cls.l0_is_set,
+        "active_width": cls.active_width(sae.cfg),
         "d_in": cfg["d_in"],
         "num_latents": cfg["num_latents"],
         "num_experts": cfg.get("num_experts", math.nan) if _is_moe(sae) else math.nan,
@@ -210,9 +202,7 @@ def _identity(sae) -> dict[str, Any]:
         "seed": cfg.get("seed"),
     }
     if _is_moe(sae):
-        row["active_experts"] = (
-            sae.active_experts_per_token() if hasattr(sae, "active_experts_per_token") else cfg.get("active_experts", 1)
-        )
+        row["active_experts"] = cls.experts_per_token(sae.cfg)
     return row
 
 
@@ -458,11 +448,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
+    """``data`` as JSON (NaN → null), written atomically."""
+    return atomic_write_json(path, _json_safe(data))
 
 
 def load_shared_inputs(params: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -475,10 +462,10 @@ def load_shared_inputs(params: dict[str, Any], device: torch.device) -> dict[str
     from .subject_model import load_subject_model
 
     paths = params.get("paths") or {}
-    subject = load_subject_model(paths.get("subject_model", "models/subject"), device=str(device))
-    activations = Path(paths.get("activations", "data/activations"))
+    subject = load_subject_model(require(paths, "subject_model", "paths"), device=str(device))
+    activations = Path(require(paths, "activations", "paths"))
     readers = {split: ActivationReader(activations / split) for split in SPLITS}
-    corpus = Path(paths.get("corpus", "data/corpus"))
+    corpus = Path(require(paths, "corpus", "paths"))
     texts = {split: load_split(corpus, split)["text"] for split in SPLITS}
     return {"subject": subject, "readers": readers, "texts": texts}
 
@@ -492,16 +479,15 @@ def run_evaluation(variant: str, params_path: str | Path = "params.yaml", result
                    progress: bool = True, shared: dict[str, Any] | None = None) -> Path:
     """Evaluate one variant and write ``<results_dir>/eval/<family>/<variant>.json``. Any failure is
     re-raised naming the variant; other variants' results are never touched."""
-    from .grid import model_dir
+    from .grid import model_dir, study_variants
     from .saes import load_sae
-    from .train import read_train_log
+    from .training import read_train_log
 
     params = load_params(params_path)
-    variants = params.get("variants") or {}
+    variants = study_variants(params)
     if variant not in variants:
         raise ParamsError(
-            f"params.yaml: no variant named '{variant}' under 'variants' "
-            "(regenerate with `moesae profile <name>` after editing the grid)"
+            f"no variant named '{variant}' in params.yaml's grid (variants are <family>_k<k>[_s<seed>])"
         )
     cfg = section_to(EvaluateConfig, params.get("evaluate"), "evaluate")
     family = str(variants[variant].get("family", variant))
@@ -524,84 +510,6 @@ def run_evaluation(variant: str, params_path: str | Path = "params.yaml", result
         raise kind(f"variant '{variant}': {exc}") from exc
     result = {"variant": variant, "family": family, **result}
     return write_json_atomic(eval_path(variant, family, results_dir), result)
-
-
-def _scalar_columns(rows: list[dict[str, Any]]) -> list[str]:
-    split_cols = [c.format(s) if "{}" in c else f"{c}_{s}" for s in SPLITS for c in SPLIT_COLUMNS]
-    fixed = IDENTITY_COLUMNS + COST_COLUMNS + split_cols + ["dead_fraction"]
-    seen = set(fixed)
-    extra = []
-    for row in rows:
-        for key, value in row.items():
-            if key not in seen and key not in ARRAY_KEYS and not isinstance(value, (list, dict)):
-                seen.add(key)
-                extra.append(key)
-    redundancy = sorted(c for c in extra if c.startswith("redundancy_")) + [c for c in ("mean_max_cos",) if c in seen]
-    expert = [c for c in extra if c.startswith(("in_expert_redundancy_", "inter_expert_redundancy_"))]
-    omega = [c for c in ("omega_mean", "activation_overlap") if c in seen]
-    ordered = fixed + redundancy + expert + omega
-    return ordered + [c for c in extra if c not in ordered]
-
-
-def collect(results_dir: str | Path = RESULTS_DIR, params_path: str | Path | None = "params.yaml") -> dict[str, Path]:
-    """Gather ``eval/*.json`` into metrics.csv, metrics.json and the figure tables.
-
-    With a params file, only the variants it lists are collected (stale files of removed variants
-    are ignored) and missing ones are reported by name; without one, every JSON found is used.
-    """
-    import pandas as pd
-
-    results_dir = Path(results_dir)
-    eval_dir = results_dir / EVAL_SUBDIR
-    wanted: list[str] | None = None
-    if params_path is not None and Path(params_path).is_file():
-        wanted = list((load_params(params_path).get("variants") or {}).keys()) or None
-    files = sorted(eval_dir.rglob("*.json")) if eval_dir.is_dir() else []
-    found = {p.stem: p for p in files}
-    names = [n for n in wanted if n in found] if wanted is not None else sorted(found)
-    missing = [n for n in wanted if n not in found] if wanted is not None else []
-    if missing:
-        print(f"[collect] warning: no evaluation for {len(missing)} variant(s): {', '.join(missing)} "
-              "(run `moesae evaluate --variant NAME`); collecting the others")
-    if not names:
-        raise FileNotFoundError(f"no evaluation results in {eval_dir}; run `moesae evaluate --variant NAME` first")
-    rows = []
-    for name in names:
-        try:
-            row = json.loads(found[name].read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"corrupt evaluation file {found[name]}: {exc}; re-run `moesae evaluate --variant {name}`") from exc
-        row["variant"] = name
-        rows.append(row)
-
-    columns = _scalar_columns(rows)
-    frame = pd.DataFrame([{c: (math.nan if row.get(c) is None else row.get(c)) for c in columns} for row in rows], columns=columns)
-    out = {}
-    out["metrics.csv"] = _write_frame(frame, results_dir / "metrics.csv")
-    metrics_json = {row["variant"]: {c: row.get(c) for c in columns[1:] if isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool)} for row in rows}
-    out["metrics.json"] = write_json_atomic(results_dir / "metrics.json", metrics_json)
-
-    tables = results_dir / "tables"
-    spec = [{"variant": r["variant"], "rank": i + 1, "cumulative_share": v}
-            for r in rows for i, v in enumerate(r.get("specialisation_cdf") or [])]
-    out["specialisation.csv"] = _write_frame(pd.DataFrame(spec, columns=["variant", "rank", "cumulative_share"]), tables / "specialisation.csv")
-    experts = []
-    for r in rows:
-        usage, omega = r.get("expert_usage") or [], r.get("omega") or []
-        for i in range(max(len(usage), len(omega))):
-            experts.append({"variant": r["variant"], "expert": i,
-                            "usage": usage[i] if i < len(usage) else math.nan,
-                            "omega": omega[i] if i < len(omega) else math.nan})
-    out["experts.csv"] = _write_frame(pd.DataFrame(experts, columns=["variant", "expert", "usage", "omega"]), tables / "experts.csv")
-    return out
-
-
-def _write_frame(frame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
-    return path
 
 
 # ---- CLI --------------------------------------------------------------------------------------
@@ -634,16 +542,4 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             path = run_evaluation(name, args.params, progress=not args.no_progress, shared=shared)
             print(f"[evaluate] {name}: wrote {path}")
-    return 0
-
-
-def main_collect(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moesae collect", description="Collect results/eval/*.json into results/metrics.csv")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--results", default=str(RESULTS_DIR))
-    args = parser.parse_args(argv)
-    with _timing("collect"):
-        written = collect(args.results, args.params)
-    for name, path in written.items():
-        print(f"[collect] wrote {path}")
     return 0

@@ -27,12 +27,15 @@ def _module_file(base: Path, dotted: str) -> Path | None:
     return None
 
 
-def package_imports(files: list[Path]) -> list[Path]:
+def package_imports(files: list[Path], with_package_inits: bool = True) -> list[Path]:
     """``files`` plus every module of this package they import, transitively.
 
     Follows relative imports (``from .x import y``, ``from . import x``, ``from ..x import y``)
     and absolute ``moesae.*`` imports, at any nesting level (imports inside functions count).
-    A package's ``__init__.py`` counts as imported with any of its modules.
+    With ``with_package_inits``, a subpackage's ``__init__.py`` counts as imported with any of its
+    modules, as Python runs it (``saes/__init__.py`` registers every architecture). The root
+    ``moesae/__init__.py`` is lazy (it imports nothing until an attribute is used), so its own
+    imports are not followed.
     """
     seen: set[Path] = set()
     todo = [Path(f).resolve() for f in files]
@@ -41,8 +44,11 @@ def package_imports(files: list[Path]) -> list[Path]:
         if path in seen:
             continue
         seen.add(path)
-        if path.name != "__init__.py" and (path.parent / "__init__.py").is_file() and path.parent != PACKAGE.parent:
-            todo.append(path.parent / "__init__.py")
+        if path == PACKAGE / "__init__.py":
+            continue
+        init = path.parent / "__init__.py"
+        if with_package_inits and path != init and init.is_file() and path.parent != PACKAGE:
+            todo.append(init)
         for node in ast.walk(ast.parse(path.read_text())):
             targets: list[tuple[Path, str]] = []
             if isinstance(node, ast.ImportFrom):
@@ -81,9 +87,9 @@ TRAINER_FILES = [PACKAGE / "training" / "trainer.py"]
 
 
 def _own_files(path: Path) -> list[Path]:
-    """The architecture's module and its imports, without package ``__init__`` files (which only
-    re-export): adding a new architecture file to ``saes/__init__.py`` retrains nothing else."""
-    return [p for p in package_imports([path]) if p.name != "__init__.py"]
+    """The module and what it imports explicitly. Package ``__init__`` files, which only re-export
+    and register, are left out: adding a new architecture to ``saes/__init__.py`` retrains nothing."""
+    return [p for p in package_imports([path], with_package_inits=False) if p.name != "__init__.py"]
 
 
 def code_fingerprint(architecture: str) -> str:

@@ -1,0 +1,116 @@
+"""The ``train`` stage: ``moesae train --family F`` (one DVC stage per grid family) or
+``--variant NAME`` (repeatable), several SAEs in one pass over the activation cache.
+
+The variants come from ``params['grid']`` (:func:`moesae.grid.study_variants`). A variant whose
+folder already holds an SAE trained with the same fingerprint (config, recipe, code; see
+:mod:`.fingerprint`) is skipped, so rerunning a family's stage after one value changed retrains
+only the variants that value affects.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..grid import MODELS_DIR, build_variant, family_variants, model_dir, study_variants
+from ..params import ParamsError, load_params, require, section_to
+from .fingerprint import training_fingerprint
+from .trainer import LOG_FILE, TrainConfig, TrainingRun, finish, read_train_log, train_saes
+
+RECIPE_ONLY_KEYS = ("batch_size", "data_seed", "dead_tokens_threshold")
+"""``train`` keys the stage resolves itself (the rest go to :class:`TrainConfig`)."""
+
+
+def is_trained(path: Path, fingerprint: str) -> bool:
+    if not all((path / f).is_file() for f in ("cfg.json", "sae_weights.safetensors", LOG_FILE)):
+        return False
+    try:
+        return read_train_log(path)[1].get("fingerprint") == fingerprint
+    except (ValueError, OSError):
+        return False
+
+
+def train_variants(names: list[str], params_path: str | Path = "params.yaml", progress: bool = True,
+                   force: bool = False) -> list[str]:
+    """Train the named variants in one pass over the activation cache; returns those trained."""
+    from ..activations import ActivationReader
+    from ..precision import keep_freed_cpu_memory
+
+    params = load_params(params_path)
+    variants = study_variants(params)
+    missing = [n for n in names if n not in variants]
+    if missing:
+        raise ParamsError(
+            f"no variant named '{missing[0]}' in params.yaml's grid (variants are <family>_k<k>[_s<seed>]; "
+            f"e.g. {next(iter(variants))})"
+        )
+    train_section = dict(params.get("train") or {})
+    recipe = dict(train_section)
+    batch_size, seed, dead_threshold = (require(train_section, key, "train") for key in RECIPE_ONLY_KEYS)
+    for key in RECIPE_ONLY_KEYS:
+        train_section.pop(key)
+    todo = []
+    for name in names:
+        fingerprint = training_fingerprint(variants[name], recipe)
+        if not force and is_trained(model_dir(name, variants[name]), fingerprint):
+            print(f"[train] {name}: up to date, skipped")
+            continue
+        todo.append((name, fingerprint))
+    if not todo:
+        return []
+    reader = ActivationReader(Path(require(params.get("paths") or {}, "activations", "paths")) / "train")
+    runs, fingerprints = [], {}
+    for name, fingerprint in todo:
+        variant = {k: v for k, v in variants[name].items() if k != "train"}
+        cfg = section_to(TrainConfig, {**train_section, **dict(variants[name].get("train", {}))}, "train")
+        try:
+            sae = build_variant(variant, reader.d_model, dead_threshold)
+        except ValueError as exc:
+            raise ParamsError(f"variant '{name}': {exc}") from exc
+        runs.append(TrainingRun(name=name, sae=sae, config=cfg, out_dir=model_dir(name, variant)))
+        fingerprints[name] = fingerprint
+    batch_at = reader.batch_fn(int(batch_size), seed=int(seed))
+    keep_freed_cpu_memory()  # this process only trains: reuse freed gradient-sized blocks
+    start = time.time()
+    train_saes(runs, batch_at, progress=progress)
+    for run in runs:
+        extra = {"variant": run.name, "family": variants[run.name]["family"],
+                 "fingerprint": fingerprints[run.name], "wall_seconds": time.time() - start}
+        finish(run, extra)
+        print(f"[train] {run.name}: saved to {run.out_dir}")
+    return [r.name for r in runs]
+
+
+def remove_stale(family: str, params: dict[str, Any], root: str | Path = MODELS_DIR) -> None:
+    """Delete variant folders of ``family`` that the grid no longer declares."""
+    keep = set(family_variants(params, family))
+    folder = Path(root) / family
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.is_dir() and child.name not in keep:
+                shutil.rmtree(child)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moesae train",
+        description="Train grid variants from params.yaml, several SAEs per pass over the activation cache",
+    )
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--family", help="train every variant of this grid family (one DVC stage per family)")
+    group.add_argument("--variant", action="append", help="variant name (repeat to train several in one pass)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--force", action="store_true", help="retrain even if an up-to-date SAE exists")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    from ..timing import record
+
+    params = load_params(args.params)
+    names = family_variants(params, args.family) if args.family else args.variant
+    with record("train@" + (args.family or "+".join(names))):
+        if args.family:
+            remove_stale(args.family, params)
+        train_variants(names, args.params, progress=not args.no_progress, force=args.force)
+    return 0
