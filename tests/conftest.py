@@ -39,8 +39,10 @@ def run_micro_pipeline(workdir: Path) -> Path:
     """Run every non-notebook stage on the micro profile inside ``workdir``; returns ``workdir``."""
     import yaml
 
-    from moesae import autointerp, evaluate, grid, synthetic
+    from moesae import autointerp, collect, evaluate, synthetic
+    from moesae.grid import study_variants
     from moesae.testing import micro_params
+    from moesae.training.stage import train_variants
 
     params = micro_params(MICRO_OVERRIDES)
     synth = dict(params.get("synthetic", {}))
@@ -49,18 +51,16 @@ def run_micro_pipeline(workdir: Path) -> Path:
     synth["families"] = {name: fam for name, fam in synth.get("families", {}).items()
                          if fam["architecture"] in {"topk", "scale", "switch"}}
     params["synthetic"] = synth
-    profiles = workdir / "profiles"
-    profiles.mkdir(parents=True, exist_ok=True)
-    (profiles / "micro.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    variants = study_variants(params)
     cwd = os.getcwd()
     try:
         os.chdir(workdir)
-        variants = grid.write_params_from_profile(profiles / "micro.yaml", "params.yaml")
         _run_data_stages()
-        grid.train_variants(sorted(variants), "params.yaml", progress=False)  # one pass feeds them all
+        train_variants(sorted(variants), "params.yaml", progress=False)  # one pass feeds them all
         for name in sorted(variants):
             evaluate.run_evaluation(name, "params.yaml", "results")
-        evaluate.collect("results", "params.yaml")
+        collect.collect("results", "params.yaml")
         autointerp.run_stage("params.yaml", progress=False)
         synthetic.main(["--params", "params.yaml", "--no-progress"])
     finally:

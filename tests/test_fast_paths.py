@@ -29,7 +29,7 @@ from moesae.precision import autocast_context, make_adam, resolve_autocast
 from moesae.saes.base import kept_dot, sparse_decode
 from moesae.saes.topk import auxk_loss
 from moesae.saes.moe import dispatch_experts
-from moesae.train import TrainConfig, TrainingRun, tensor_batches, train_saes
+from moesae.training import TrainConfig, TrainingRun, tensor_batches, train_saes
 
 torch.set_grad_enabled(True)
 FAST_MODES = ("grouped", "loop", "auto")

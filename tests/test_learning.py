@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moesae import build_sae
-from moesae.train import TrainConfig, TrainingRun, tensor_batches, train_saes
+from moesae.training import TrainConfig, TrainingRun, tensor_batches, train_saes
 
 D_IN, NUM_LATENTS, K = 16, 64, 4
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moesae import build_sae
-from moesae.train import (
+from moesae.training import (
     TrainConfig,
     TrainingDiverged,
     TrainingRun,

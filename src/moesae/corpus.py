@@ -55,7 +55,7 @@ class CorpusConfig:
     """Training-domain text to keep (train split), in UTF-8 bytes."""
     max_cross_bytes: int = 1_500_000
     """Cross-domain text to keep, in UTF-8 bytes."""
-    heldout_fraction: float = 0.05
+    heldout_fraction: float = 0.1
     """Held-out share of the training domain (stdlib: of max_train_bytes; hf: of documents)."""
     seed: int = 0
     """Seed of the file shuffle (stdlib) / held-out hash (hf)."""

@@ -83,7 +83,11 @@ def write_params(profile: str | Path, out: str | Path = "params.yaml") -> dict[s
         + ".\n# Edit values here for a one-off run (dvc repro reruns exactly what they affect), or edit the\n"
         "# profile and rerun `moesae profile`. The grid's variants are derived from `grid` by every stage.\n"
     )
-    atomic_write_text(out, header + yaml.safe_dump(params, sort_keys=False, width=110, allow_unicode=True))
+    if path.stem == BASE_PROFILE:  # the default profile itself, comments and all
+        body = path.read_text()
+    else:
+        body = yaml.safe_dump(params, sort_keys=False, width=110, allow_unicode=True)
+    atomic_write_text(out, header + body)
     params["_variants"] = len(variants)
     params["_skipped"] = skipped
     return params

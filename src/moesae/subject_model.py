@@ -55,8 +55,8 @@ class SubjectModelConfig:
     d_model: int = 64
     n_layers: int = 4
     n_heads: int = 4
-    steps: int = 1500
-    batch_size: int = 32
+    steps: int = 600
+    batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.1

@@ -34,7 +34,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 10_000
+    steps: int = 300
     """Optimiser steps."""
     lr: float | None = None
     """Learning rate; None = 2e-4 / sqrt(M / 2^14)."""
@@ -45,7 +45,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     log_every: int = 50
     """Log loss / MSE / L0 / dead fraction every this many steps."""
-    checkpoint_every: int = 500
+    checkpoint_every: int = 100
     """Write a resumable checkpoint every this many steps (0 = only at the end)."""
     autocast: str = "auto"
     """bf16 autocast of the forward pass: auto (on CUDA only) | bf16 | off; weights stay fp32."""
