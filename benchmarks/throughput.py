@@ -122,7 +122,7 @@ def update_dead_statistics(sae, out: SAEOutput, batch_size: int) -> None:
 
 
 def train_step(sae, optimizer, x: torch.Tensor, autocast_dtype) -> None:
-    """The trainer's step order (SPEC §3), forward under autocast, Adam on fp32 master weights."""
+    """The trainer's step order (docs/method.md#training-recipe), forward under autocast, Adam on fp32 master weights."""
     sae.normalize_decoder()
     with autocast_context(x.device, autocast_dtype):
         out = sae(x)

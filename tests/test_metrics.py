@@ -1,4 +1,4 @@
-"""Metric functions against hand-computed values, including the SPEC §5 pitfalls."""
+"""Metric functions against hand-computed values, including the pitfalls listed in docs/method.md#metrics."""
 from __future__ import annotations
 
 import itertools
@@ -172,10 +172,11 @@ def test_omega_stats():
     assert all(math.isnan(v) for v in mt.omega_stats(None).values())
 
 
-def test_flops_formula_matches_the_saes():
+def test_flops_per_token_by_hand():
     # dense: M·d + k·d = 16·4 + 2·4;  MoE: N·d + e·m·d + k·d = 4·4 + 2·4·4 + 2·4
-    assert mt.flops_per_token(4, 16, 2) == 72
-    assert mt.flops_per_token(4, 16, 2, num_experts=4, active_experts=2) == 56
     assert build_sae("topk", d_in=4, num_latents=16, k=2).flops_per_token() == 72
     scale = build_sae("scale", d_in=4, num_latents=16, k=2, num_experts=4, active_experts=2)
     assert scale.flops_per_token() == 56
+    # MoE-X routing costs 2·N·d; a shared expert adds its m·d encoder rows
+    assert build_sae("switch", d_in=4, num_latents=16, k=2, num_experts=4, router="moex").flops_per_token() == 32 + 16 + 8
+    assert build_sae("switch", d_in=4, num_latents=16, k=2, num_experts=4, shared_expert=True).flops_per_token() == 16 + 32 + 8

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .devices import check_device
+from .io import atomic_path, atomic_write_json
 from .params import load_params, section_to
 
 FORMAT = "moesae-activations/1"
@@ -100,8 +102,7 @@ class ActivationsConfig:
                 raise ValueError(f"'max_tokens.{split}' must be a positive integer or null, got {value!r}")
         if self.long_documents not in {"split", "truncate"}:
             raise ValueError(f"'long_documents' must be 'split' or 'truncate', got {self.long_documents!r}")
-        if self.device not in {"auto", "cpu", "cuda"}:
-            raise ValueError(f"'device' must be auto, cpu or cuda, got {self.device!r}")
+        check_device(self.device)
 
     # The settings actually used, after paper_faithful overrides.
     @property
@@ -216,16 +217,12 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, data)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    tmp.replace(path)
 
 
 def shard_name(i: int) -> str:
@@ -295,7 +292,7 @@ def cache_split(sm, texts: Sequence[str], out_dir: str | Path, cfg: ActivationsC
             done = {name: entry for name, entry in state["shards"].items()
                     if (out / name).is_file() and (out / name).stat().st_size == entry["bytes"]}
     if not done:  # a fresh start: clear whatever an older configuration left behind
-        for path in list(out.glob("shard_*.npy")) + list(out.glob(".*.tmp")) + [manifest_path]:
+        for path in list(out.glob("shard_*.npy")) + list(out.glob(".*.tmp*")) + [manifest_path]:
             path.unlink(missing_ok=True)
     manifest_path.unlink(missing_ok=True)
     total_rows = int(plan.rows.sum())
@@ -561,12 +558,13 @@ class _Texts:
 def build_activations(cfg: ActivationsConfig, corpus_root: str | Path, model_dir: str | Path, out_root: str | Path,
                       progress: bool = True) -> dict[str, dict[str, Any]]:
     from .corpus import load_split
-    from .subject_model import load_subject_model, resolve_device
+    from .devices import resolve_device
+    from .subject_model import load_subject_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model_dir = Path(model_dir)
-    sm = load_subject_model(model_dir, device=resolve_device(cfg.device))
+    sm = load_subject_model(model_dir, device=str(resolve_device(cfg.device, "activations.device")))
     if cfg.effective_context_length > sm.model.config.n_positions:
         raise ValueError(f"'activations.context_length' {cfg.effective_context_length} exceeds the subject model's "
                          f"{sm.model.config.n_positions} positions")

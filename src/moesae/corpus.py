@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .io import atomic_write_json
 from .params import load_params, section_to
 
 SPLITS = ("train", "heldout", "cross", "autointerp")
@@ -158,9 +159,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, data)
 
 
 def _cut(text: str, max_chars: int | None) -> str:

@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC §5) as pure functions of tensors.
+"""Evaluation metrics (docs/method.md#metrics) as pure functions of tensors.
 
 Every function here takes tensors (or plain numbers) and returns numbers or tensors; nothing reads
 files, models or global state, so each one is tested against hand-computed values
@@ -77,7 +77,7 @@ def dead_fraction(fire_counts: Tensor) -> float:
 
 def loss_recovered(ce_clean: float, ce_recon: float, ce_ablate: float) -> float:
     """(CE_ablate − CE_recon) / (CE_ablate − CE_clean): 1 = as good as the clean model, 0 = as bad
-    as the ablation. Equal to SPEC's (CE_recon − CE_zero) / (CE_orig − CE_zero). NaN when the
+    as the ablation. Equal to (CE_recon − CE_zero) / (CE_orig − CE_zero). NaN when the
     ablation does not change the loss (nothing to recover)."""
     denominator = float(ce_ablate) - float(ce_clean)
     if denominator == 0 or not math.isfinite(denominator):
@@ -242,17 +242,6 @@ def omega_stats(omega: Tensor | None) -> dict[str, float]:
         "omega_min": float(w.min()),
         "omega_max": float(w.max()),
     }
-
-
-# ---- cost -------------------------------------------------------------------------------------
-
-
-def flops_per_token(d_in: int, num_latents: int, k: int, num_experts: int | None = None, active_experts: int = 1) -> int:
-    """Forward multiply-accumulates per token (SPEC §5): dense M·d + k·d; with experts
-    N·d (router) + e·m·d (selected encoders) + k·d (decoder), m = M / N."""
-    if num_experts is None:
-        return num_latents * d_in + k * d_in
-    return num_experts * d_in + active_experts * (num_latents // num_experts) * d_in + k * d_in
 
 
 def _same_shape(a: Tensor, b: Tensor) -> None:

@@ -28,6 +28,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .devices import check_device
+from .devices import resolve_device as _resolve_device
+from .io import atomic_write_json
 from .params import load_params, section_to
 
 META_FILE = "subject.json"
@@ -88,16 +91,12 @@ class SubjectModelConfig:
             raise ValueError(f"'hook_layer' must be >= 0, got {self.hook_layer}")
         if not self.lr > 0:
             raise ValueError(f"'lr' must be positive, got {self.lr!r}")
-        if self.device not in {"auto", "cpu", "cuda"}:
-            raise ValueError(f"'device' must be auto, cpu or cuda, got {self.device!r}")
+        check_device(self.device)
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no GPU; set the device to 'auto' or 'cpu'")
-    return device
+    """The device a setting names, as a string (see :mod:`moesae.devices`)."""
+    return str(_resolve_device(device, "subject_model.device"))
 
 
 class SubjectModel:
@@ -471,9 +470,7 @@ def build_subject_model(cfg: SubjectModelConfig, corpus_root: str | Path, out: s
     save_subject_model(out, sm.model, sm.tokenizer, _meta(cfg, sm, name))
     metrics_path = Path(metrics_path)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(metrics_path)
+    atomic_write_json(metrics_path, metrics)
     return metrics
 
 

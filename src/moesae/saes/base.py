@@ -1,4 +1,4 @@
-"""The interface every SAE implements, and what all of them share (SPEC §2).
+"""The interface every SAE implements, and what all of them share (docs/method.md#architectures).
 
 Every architecture is one file in this package: a config dataclass (validated in
 ``__post_init__``, errors name the field) and an ``SAE`` subclass registered with
@@ -9,7 +9,7 @@ Every architecture is one file in this package: a config dataclass (validated in
 - ``decode(z)``: ``z @ W_dec + b_dec``.
 - ``forward(x) -> SAEOutput``: the reconstruction, the code in sparse form when the architecture
   has one (values and feature indices, ``[batch, k]``), and the weighted loss terms.
-- ``flops_per_token()``: forward multiply-accumulates per token (SPEC §5).
+- ``flops_per_token()``: forward multiply-accumulates per token (docs/method.md#cost).
 - ``save(path)`` / :func:`moesae.saes.registry.load_sae`: ``cfg.json`` + ``sae_weights.safetensors``.
 
 Parameters shared by all: ``W_dec [M, d]`` (one unit-norm row per feature) and ``b_dec [d]``
@@ -306,15 +306,13 @@ class SAE(nn.Module):
         Written to temporary names and renamed, so an interrupted save never leaves a
         half-written checkpoint behind.
         """
+        from ..io import atomic_path, atomic_write_text
+
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        tmp_weights = path / (WEIGHTS_FILE + ".tmp")
-        tmp_cfg = path / (CONFIG_FILE + ".tmp")
-        save_file(tensors, str(tmp_weights))
-        tmp_cfg.write_text(json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n")
-        tmp_weights.replace(path / WEIGHTS_FILE)
-        tmp_cfg.replace(path / CONFIG_FILE)
+        with atomic_path(path / WEIGHTS_FILE) as tmp_weights:  # world-readable (0644), never half-written
+            save_file(tensors, str(tmp_weights))
+        atomic_write_text(path / CONFIG_FILE, json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n")
         return path
 
     def load_weights(self, path: str | Path) -> None:
@@ -323,5 +321,5 @@ class SAE(nn.Module):
 
 
 def lr_for_width(num_latents: int) -> float:
-    """The recipe's learning rate: 2e-4 / sqrt(M / 2^14) (SPEC §3)."""
+    """The recipe's learning rate: 2e-4 / sqrt(M / 2^14) (docs/method.md#training-recipe)."""
     return 2e-4 / math.sqrt(num_latents / 2**14)

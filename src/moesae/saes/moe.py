@@ -1,6 +1,6 @@
 """What the multi-expert SAEs (Switch, Scale) share: config, router, expert dispatch, balancing.
 
-Expert dispatch computes **only the experts a token selected** (SPEC §7: the public code computes
+Expert dispatch computes **only the experts a token selected** (docs/method.md#deliberate-deviations-from-the-authors-code: the public code computes
 every expert for every token and masks the result). The (token, expert) pairs are sorted by expert
 and each expert's encoder multiplies only its own tokens:
 

@@ -1,4 +1,4 @@
-"""Scale SAE (Xu et al. 2025): Multiple Expert Activation + Feature Scaling + global TopK (SPEC §2).
+"""Scale SAE (Xu et al. 2025): Multiple Expert Activation + Feature Scaling + global TopK (docs/method.md#architectures).
 
 Parameters (checkpoint names and shapes; N experts of m = M/N features):
   W_router [N, d]   router weights W_g;  c_router [N] router bias c_g (zero init);

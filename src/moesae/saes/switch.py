@@ -1,5 +1,5 @@
 """Switch SAE (Mudide et al. 2024), the original: top-1 routing, output scaled by the router
-probability (SPEC §2).
+probability (docs/method.md#architectures).
 
 Parameters (checkpoint names and shapes; N experts of m = M/N features):
   W_router [N, d]  router weights (no router bias);  b_router [d] router pre-bias;

@@ -1,4 +1,4 @@
-"""TopK SAE (Gao et al. 2024), with AuxK for dead latents (SPEC §2).
+"""TopK SAE (Gao et al. 2024), with AuxK for dead latents (docs/method.md#architectures).
 
 Parameters (checkpoint names and shapes):
   W_enc [M, d]   encoder rows;  b_enc [M] encoder bias;

@@ -1,4 +1,4 @@
-"""The training loop (SPEC §3): any list of SAEs from one stream of activation batches.
+"""The training loop (docs/method.md#training-recipe): any list of SAEs from one stream of activation batches.
 
 Recipe: Adam (0.9, 0.999), no weight decay, lr = 2e-4 / sqrt(M / 2^14) unless set, constant then
 linear decay to 0 over the last 20% of steps, global grad-norm clip 1.0. Order inside a step:
