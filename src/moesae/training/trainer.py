@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..io import atomic_path, atomic_write_text
 from ..precision import AUTOCAST_MODES, autocast_context, make_adam, maybe_compile, resolve_autocast
 from ..saes.base import SAE, lr_for_width
 
@@ -113,7 +114,6 @@ class TrainingRun:
         path = self.checkpoint_path()
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "step": step,
             "model": self.sae.state_dict(),
@@ -123,9 +123,8 @@ class TrainingRun:
             "seconds": self.seconds,
             "config": self.sae.config_dict(),
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
 
     def load_checkpoint(self) -> int:
         """Resume from the checkpoint if there is one; returns the step to continue from."""
@@ -252,9 +251,7 @@ def finish(run: TrainingRun, extra_log: dict | None = None) -> Path:
         "train_config": asdict(run.config),
         **(extra_log or {}),
     }
-    tmp = run.out_dir / (LOG_FILE + ".tmp")
-    tmp.write_text("\n".join(lines + [json.dumps(summary)]) + "\n")
-    tmp.replace(run.out_dir / LOG_FILE)
+    atomic_write_text(run.out_dir / LOG_FILE, "\n".join(lines + [json.dumps(summary)]) + "\n")
     ckpt = run.checkpoint_path()
     if ckpt is not None and ckpt.exists():
         ckpt.unlink()
