@@ -7,6 +7,7 @@ and report tests execute against it, so every figure is drawn from numbers a rea
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -41,6 +42,7 @@ def run_micro_pipeline(workdir: Path) -> Path:
 
     from moesae import autointerp, collect, evaluate, synthetic
     from moesae.grid import study_variants
+    from moesae.params import accessed_sections
     from moesae.testing import micro_params
     from moesae.training.stage import train_variants
 
@@ -54,27 +56,36 @@ def run_micro_pipeline(workdir: Path) -> Path:
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     variants = study_variants(params)
     cwd = os.getcwd()
+    read: dict[str, list[str]] = {}  # params sections each stage read (checked against dvc.yaml)
+
+    def stage(name, fn, *args, **kwargs):
+        accessed_sections(reset=True)
+        out = fn(*args, **kwargs)
+        read[name] = sorted(accessed_sections(reset=True))
+        return out
+
     try:
         os.chdir(workdir)
-        _run_data_stages()
-        train_variants(sorted(variants), "params.yaml", progress=False)  # one pass feeds them all
+        _run_data_stages(stage)
+        stage("train", train_variants, sorted(variants), "params.yaml", progress=False)  # one pass feeds them all
         for name in sorted(variants):
-            evaluate.run_evaluation(name, "params.yaml", "results")
-        collect.collect("results", "params.yaml")
-        autointerp.run_stage("params.yaml", progress=False)
-        synthetic.main(["--params", "params.yaml", "--no-progress"])
+            stage("evaluate", evaluate.run_evaluation, name, "params.yaml", "results")
+        stage("collect", collect.collect, "results", "params.yaml")
+        stage("autointerp", autointerp.run_stage, "params.yaml", progress=False)
+        stage("synthetic", synthetic.main, ["--params", "params.yaml", "--no-progress"])
     finally:
         os.chdir(cwd)
+    (workdir / "params_read.json").write_text(json.dumps(read, indent=1))
     return workdir
 
 
-def _run_data_stages() -> None:
+def _run_data_stages(stage) -> None:
     """The data stages on the params.yaml in the current folder (the entry points dvc calls)."""
     from moesae import activations, corpus, subject_model
 
-    corpus.main(["--params", "params.yaml"])
-    subject_model.main(["--params", "params.yaml", "--no-progress"])
-    activations.main(["--params", "params.yaml", "--no-progress"])
+    stage("corpus", corpus.main, ["--params", "params.yaml"])
+    stage("subject_model", subject_model.main, ["--params", "params.yaml", "--no-progress"])
+    stage("activations", activations.main, ["--params", "params.yaml", "--no-progress"])
 
 
 @pytest.fixture(scope="session")
