@@ -62,9 +62,11 @@ def test_grid_expansion_names_widths_and_skips():
         topk_quarter={"architecture": "topk", "width_fraction": 0.25},
         switch={"architecture": "switch", "num_experts": 8, "train": {"steps": 7}},
         ext={"architecture": "scale", "num_experts": 4, "l0": [8]},
+        one_seed={"architecture": "topk", "seeds": [3]},
         full={"architecture": "topk"},
     ), skipped)
     assert "full_k32" in variants
+    assert sorted(n for n in variants if n.startswith("one_seed")) == ["one_seed_k2_s3", "one_seed_k32_s3", "one_seed_k8_s3"]
     assert variants["topk_quarter_k8_s1"] == {"family": "topk_quarter", "architecture": "topk", "num_latents": 16,
                                                "k": 8, "seed": 1}
     assert variants["switch_k2"]["train"] == {"steps": 7}

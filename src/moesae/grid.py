@@ -7,6 +7,8 @@ figures) derives them here with :func:`study_variants`; ``params.yaml`` holds no
 A family is a mapping of SAE config fields plus ``architecture``, and optionally:
 - ``width_fraction``: ``num_latents`` as a fraction of the grid's M (e.g. TopK at M/32);
 - ``l0``: the L0 values this family runs at, instead of the grid's list;
+- ``seeds``: the seeds this family runs at, instead of the grid's list (e.g. one seed for an
+  extension the claims do not compare);
 - ``train``: training-recipe overrides for this family (e.g. ``{steps: 2000}``).
 
 A variant is named ``<family>_k<k>`` (plus ``_s<seed>`` for seeds other than 0). Cells where k
@@ -22,7 +24,7 @@ from typing import Any
 from .params import ParamsError, section_to
 
 MODELS_DIR = Path("models")
-FAMILY_KEYS = ("width_fraction", "l0", "train")
+FAMILY_KEYS = ("width_fraction", "l0", "seeds", "train")
 """Family keys that are not SAE config fields."""
 
 
@@ -75,7 +77,10 @@ def expand_grid(spec: GridSpec, skipped: list[str] | None = None) -> dict[str, d
         fam = dict(fam)
         fraction = fam.pop("width_fraction", 1)
         family_l0 = fam.pop("l0", spec.l0)
+        family_seeds = fam.pop("seeds", spec.seeds)
         train = fam.pop("train", None)
+        if not family_seeds or any(not isinstance(s, int) or s < 0 for s in family_seeds):
+            raise ParamsError(f"grid family '{family}': seeds must be a non-empty list of non-negative integers")
         if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ParamsError(f"grid family '{family}': width_fraction must be in (0, 1], got {fraction!r}")
         num_latents = int(round(spec.num_latents * float(fraction)))
@@ -89,7 +94,7 @@ def expand_grid(spec: GridSpec, skipped: list[str] | None = None) -> dict[str, d
                 skipped.append(f"{family} at k={k} (its largest k is {max_k})")
                 continue
             kept_l0.add(k)
-            for seed in spec.seeds:
+            for seed in family_seeds:
                 cfg = {"family": family, **fam, "num_latents": num_latents, "k": k, "seed": seed}
                 try:  # validate now, so no stage ever sees a variant that cannot be built
                     describe(arch, **sae_fields(cfg))
