@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from moesae import claims
-from moesae.plotting import paper_frame, paper_reported
+from moesae.results import paper_frame, paper_reported
 
 
 def row(arch, k, n=None, e=None, fs="", m=2048, seed=0, **metrics):

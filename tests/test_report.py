@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from moesae import plotting, report
+from moesae import report
+from moesae.figures import FIGURES
 from moesae.timing import read_timings, record
 
 FAMILIES = {
@@ -33,7 +34,7 @@ FAMILIES = {
 
 def write_synthetic_run(root: Path, l0=(2, 8, 32), M=512, d=16) -> Path:
     """A run folder laid out like the repo after ``dvc repro`` (numbers made up, deterministic)."""
-    rows, spec, variants = [], [], {}
+    rows, spec = [], []
     for fam, cfg in FAMILIES.items():
         arch = cfg["architecture"]
         for k in l0:
@@ -42,9 +43,6 @@ def write_synthetic_run(root: Path, l0=(2, 8, 32), M=512, d=16) -> Path:
             n = cfg.get("num_experts")
             e = cfg.get("active_experts", 1 if n else None)
             fs = cfg.get("feature_scaling", "none" if arch == "authors_switch" else "")
-            v = {"family": fam, "architecture": arch, "num_latents": m, "k": k, "seed": 0}
-            v.update({key: val for key, val in cfg.items() if key not in ("architecture", "width_fraction")})
-            variants[name] = v
             quality = {"scale": 1.0, "switch": 1.3, "topk": 1.15, "authors_switch": 1.35}[arch] * (0.9 if fs == "mean" else 1)
             mse = 40 * quality / k ** 0.5
             row = dict(variant=name, family=fam, architecture="scale" if arch == "authors_switch" else arch, d_in=d,
@@ -66,8 +64,9 @@ def write_synthetic_run(root: Path, l0=(2, 8, 32), M=512, d=16) -> Path:
     (root / "results" / "tables").mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(root / "results" / "metrics.csv", index=False)
     pd.DataFrame(spec).to_csv(root / "results" / "tables" / "specialisation.csv", index=False)
-    (root / "params.yaml").write_text(yaml.safe_dump({"profile": "default", "variants": variants}))
-    model = root / "models" / "scale_n16_e2_k8"
+    grid = {"num_latents": M, "l0": list(l0), "seeds": [0], "families": FAMILIES}
+    (root / "params.yaml").write_text(yaml.safe_dump({"profile": "default", "grid": grid}))
+    model = root / "models" / "scale_n16_e2" / "scale_n16_e2_k8"
     model.mkdir(parents=True, exist_ok=True)
     cfg = {"architecture": "scale", "d_in": d, "num_latents": M, "num_experts": 16, "active_experts": 2, "k": 8,
            "feature_scaling": "mean", "gate": "prob_softmax", "seed": 0}
@@ -92,7 +91,7 @@ def run(tmp_path):
 def test_report_is_self_contained_and_complete(run):
     figures = run / "reports" / "figures"
     figures.mkdir(parents=True)
-    for name in list(plotting.FIGURES)[:3]:
+    for name in list(FIGURES)[:3]:
         (figures / f"{name}.png").write_bytes(PNG_1PX)
     (run / "reports" / "html").mkdir()
     (run / "reports" / "html" / "fig02_omega.html").write_text("<html></html>")
@@ -112,7 +111,7 @@ def test_report_is_self_contained_and_complete(run):
     assert 'href="html/fig02_omega.html"' in page
     assert "html/fig01_architecture.html" not in page  # not built: no dangling link
     # every figure but table1 and the three written, plus the ground-truth benchmark's figure
-    assert page.count("Figure not produced") == len(plotting.FIGURES) - 1 - 3 + 1
+    assert page.count("Figure not produced") == len(FIGURES) - 1 - 3 + 1
     # Provenance, timings, claims, Table 1.
     assert "synthetic-test" in page
     assert "not available: results/subject_model.json is missing" in page
@@ -193,3 +192,14 @@ def test_throughput_section_reads_the_benchmark_results(run):
     assert "4.28 → <span class=\"holds\">met</span>" in section
     assert "2.5 → <span class=\"fails\">not met</span>" in section
     assert "No GPU results" in section
+
+
+def test_text_from_the_data_is_escaped(run):
+    m = pd.read_csv(run / "results" / "metrics.csv")
+    m.loc[m["family"] == "topk_m32th", "family"] = '<script>alert("x")</script>'
+    m.to_csv(run / "results" / "metrics.csv", index=False)
+    (run / "data" / "corpus" / "manifest.json").write_text(json.dumps({"source": "<img src=x onerror=alert(1)>"}))
+    page = report.build_report(run).read_text()
+    assert "<script" not in page.lower() and "<img src=x" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page

@@ -13,7 +13,10 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from moesae import plotting, report
+import importlib
+
+from moesae import report, results
+from moesae.figures import draw
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 BROWSER = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
@@ -55,10 +58,11 @@ def built_report(tmp_path):
     from test_report import write_synthetic_run
 
     run = write_synthetic_run(tmp_path)
-    ctx = plotting.load_context(run / "results", "default")
+    ctx = results.load_context(run / "results", "default")
     figures = run / "reports" / "figures"
     for name in ("fig02_omega", "fig07_redundancy"):
-        plotting.save_figure(getattr(plotting, name)(ctx), name, figures, formats=("png",))
+        figure = importlib.import_module(f"moesae.figures.{name}")
+        draw.save_figure(figure.plot(ctx), name, figures, formats=("png",))
     (run / "reports" / "html").mkdir(parents=True)
     (run / "reports" / "html" / "fig02_omega.html").write_text("<html><body>notebook</body></html>")
     return report.build_report(run)

@@ -3,13 +3,16 @@
 Each claim is a pure function of a metrics DataFrame (the columns of ``results/metrics.csv``)
 returning a :class:`Finding` (the number, whether the claim holds, and how it was computed).
 The *same* function computes the paper's number from the paper's reported values
-(:func:`moesae.plotting.paper_frame`), so the claims table never holds a typed-in number.
+(:func:`moesae.results.paper_frame`), so the claims table never holds a typed-in number.
 :func:`claims_table` returns one row per claim:
 ``{claim, paper_value, our_value, holds, note}`` (+ ``unit``, ``paper_note``, ``source``), with
 ``holds`` True / False, or None when this run lacks the configurations to compute it.
 
-Series are found by configuration (architecture, N, e, Feature Scaling, width), as in the figures.
+Series are found by configuration (architecture, N, e, Feature Scaling, width), as in the figures;
+when an extension family (another router, a shared expert, batch TopK…, run at one L0) matches the
+same identity columns, the grid family it extends is used (:func:`moesae.results.main_family`).
 Where the paper's L0 is not in our grid, the nearest available L0 is used and the note says so.
+What each claim computes: docs/method.md, "Paper headline claims".
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .plotting import prepare, select, sweep_experts
+from .results import main_family, main_family_per, prepare, select, sweep_experts
 
 SCALE_MAIN = {"architecture": "scale", "num_experts": 32, "active_experts": 4, "feature_scaling": "mean"}
 SCALE_SERIES = [
@@ -67,14 +70,21 @@ def _switch_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     if rows["num_experts"].nunique() > 1:  # several Switch widths: compare with the one matching Scale's N
         same_n = rows[rows["num_experts"] == SCALE_MAIN["num_experts"]]
         rows = same_n if not same_n.empty else rows[rows["num_experts"] == rows["num_experts"].min()]
-    return rows, ""
+    return main_family(rows), ""
+
+
+def _sweep(df: pd.DataFrame) -> tuple[pd.DataFrame, float | None]:
+    """The Scale SAEs of the expert sweep, one family per (e, Feature Scaling)."""
+    N = sweep_experts(df)
+    rows = df[(df["architecture"] == "scale") & (df["num_experts"] == N)]
+    return main_family_per(rows, ["active_experts", "feature_scaling"]), N
 
 
 # ---- the claims ---------------------------------------------------------------------------------------
 def mse_reduction_vs_switch(df: pd.DataFrame, split: str = "heldout", scale_config: dict | None = None) -> Finding:
     """Mean over shared L0 values of 1 − MSE_Scale(32,4) / MSE_Switch, in percent (paper: 24% on OWT)."""
     df = prepare(df)
-    scale = _by_k(select(df, scale_config or SCALE_MAIN), f"mse_{split}")
+    scale = _by_k(main_family(select(df, scale_config or SCALE_MAIN)), f"mse_{split}")
     switch_rows, _ = _switch_rows(df)
     switch = _by_k(switch_rows, f"mse_{split}")
     if scale.empty or switch.empty:
@@ -94,8 +104,8 @@ def redundancy_reduction(df: pd.DataFrame, max_l0: int = 4, e_low: int = 1, e_hi
     """1 − redundancy(e=8) / redundancy(e=1), no Feature Scaling, low L0, in percent (paper: ~99%)."""
     df = prepare(df)
     metric = f"redundancy_{threshold:g}"
-    N = sweep_experts(df)
-    plain = df[(df["architecture"] == "scale") & (df["num_experts"] == N) & (df["feature_scaling"] == "none")]
+    sweep, N = _sweep(df)
+    plain = sweep[sweep["feature_scaling"] == "none"]
     low = _by_k(plain[plain["active_experts"] == e_low], metric)
     high = _by_k(plain[plain["active_experts"] == e_high], metric)
     if low.empty or high.empty:
@@ -121,8 +131,8 @@ def _spearman(x: pd.Series, y: pd.Series) -> float:
 def omega_grows_with_e(df: pd.DataFrame, holds_at: float = 0.5) -> Finding:
     """Mean over L0 of the Spearman correlation between e and mean ω (paper: 1.0, monotone)."""
     df = prepare(df)
-    N = sweep_experts(df)
-    rows = df[(df["architecture"] == "scale") & (df["num_experts"] == N) & (df["feature_scaling"] == "mean")]
+    sweep, N = _sweep(df)
+    rows = sweep[sweep["feature_scaling"] == "mean"]
     if "omega_mean" not in rows:
         return Finding(None, None, "not computable: no omega_mean column")
     rows = rows.assign(omega_mean=pd.to_numeric(rows["omega_mean"], errors="coerce")).dropna(subset=["omega_mean"])
@@ -144,8 +154,8 @@ def topk_ahead_cross_loss_recovered(df: pd.DataFrame, max_l0: int = 4) -> Findin
     """TopK (M/32) minus the best Scale series, cross-domain loss recovered, at L0 ≤ 4 (paper: +0.0095)."""
     df = prepare(df)
     metric = "loss_recovered_zero_cross"
-    topk = _by_k(select(df, TOPK_FLOP_MATCHED), metric)
-    scales = [s for s in (_by_k(select(df, m), metric) for m in SCALE_SERIES) if not s.empty]
+    topk = _by_k(main_family(select(df, TOPK_FLOP_MATCHED)), metric)
+    scales = [s for s in (_by_k(main_family(select(df, m)), metric) for m in SCALE_SERIES) if not s.empty]
     if topk.empty or not scales:
         missing = "TopK at width M/32" if topk.empty else "Scale (N, e) series"
         return Finding(None, None, f"not computable: no {missing} with {metric}")
@@ -166,8 +176,7 @@ def feature_scaling_overlap_by_e(df: pd.DataFrame) -> Finding:
     the value is the mean over e ≥ 2; holds when that is positive and e = 1's is not.
     """
     df = prepare(df)
-    N = sweep_experts(df)
-    rows = df[(df["architecture"] == "scale") & (df["num_experts"] == N)]
+    rows, N = _sweep(df)
     per_e = {}
     for e, r in rows.groupby("active_experts"):
         plain = _by_k(r[r["feature_scaling"] == "none"], "activation_overlap")
@@ -187,8 +196,7 @@ def feature_scaling_overlap_by_e(df: pd.DataFrame) -> Finding:
 def feature_scaling_mse(df: pd.DataFrame) -> Finding:
     """Mean over e and L0 of 1 − MSE_scaled / MSE_plain, in percent (paper's Fig 5: positive)."""
     df = prepare(df)
-    N = sweep_experts(df)
-    rows = df[(df["architecture"] == "scale") & (df["num_experts"] == N)]
+    rows, N = _sweep(df)
     gains = []
     for e, r in rows.groupby("active_experts"):
         plain = _by_k(r[r["feature_scaling"] == "none"], "mse_heldout")

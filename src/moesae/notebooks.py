@@ -2,14 +2,17 @@
 
 ``moesae figure NAME`` runs ``notebooks/NAME.ipynb`` with the ``moesae`` Jupyter kernel into
 ``reports/notebooks/NAME.ipynb`` and writes ``reports/html/NAME.html``. The notebook itself saves
-``reports/figures/NAME.png`` / ``.svg``. Outputs are written to temporary names first, so a
-failed notebook leaves no half-written report behind.
+``reports/figures/NAME.png`` / ``.svg`` (drawn by ``moesae.figures.NAME``). Outputs are written
+to temporary names first and renamed (:mod:`moesae.io`), so a failed notebook leaves no
+half-written report behind.
 """
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
+
+from .io import atomic_path, atomic_write_text
 
 KERNEL = "moesae"
 
@@ -36,20 +39,17 @@ def run_notebook(
     html.parent.mkdir(parents=True, exist_ok=True)
     (reports_dir / "figures").mkdir(parents=True, exist_ok=True)
     params = {"name": name, "figures_dir": str(reports_dir / "figures"), **(parameters or {})}
-    tmp_nb = executed.with_suffix(".tmp.ipynb")
     os.environ.setdefault("MPLBACKEND", "Agg")
-    papermill.execute_notebook(
-        str(source), str(tmp_nb), parameters=params, kernel_name=kernel, cwd=str(cwd), progress_bar=False
-    )
-    exporter = HTMLExporter()
-    exporter.exclude_input = True
-    exporter.exclude_input_prompt = True
-    exporter.exclude_output_prompt = True
-    body, _ = exporter.from_notebook_node(nbformat.read(str(tmp_nb), as_version=4))
-    tmp_html = html.with_suffix(".tmp.html")
-    tmp_html.write_text(body, encoding="utf-8")
-    tmp_nb.replace(executed)
-    tmp_html.replace(html)
+    with atomic_path(executed) as tmp_nb:
+        papermill.execute_notebook(
+            str(source), str(tmp_nb), parameters=params, kernel_name=kernel, cwd=str(cwd), progress_bar=False
+        )
+        exporter = HTMLExporter()
+        exporter.exclude_input = True
+        exporter.exclude_input_prompt = True
+        exporter.exclude_output_prompt = True
+        body, _ = exporter.from_notebook_node(nbformat.read(str(tmp_nb), as_version=4))
+        atomic_write_text(html, body)
     return html
 
 

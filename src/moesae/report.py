@@ -21,7 +21,9 @@ from typing import Any
 import pandas as pd
 
 from . import claims as claims_mod
-from . import plotting
+from . import results as results_mod
+from .figures import FIGURES
+from .io import atomic_write_text
 from .timing import read_timings
 
 PAPER_REFERENCE_LABEL = "Paper (reference only: GPT-2 small, M = 24576; a different model and scale)"
@@ -111,7 +113,7 @@ def timings_html(timings: list[dict]) -> str:
 
 
 def figure_html(name: str, figures_dir: Path, html_dir: Path, out_dir: Path) -> str:
-    title, caption = plotting.FIGURES[name]
+    title, caption = FIGURES[name]
     png = figures_dir / f"{name}.png"
     if png.is_file():
         data = base64.b64encode(png.read_bytes()).decode("ascii")
@@ -128,11 +130,12 @@ def figure_html(name: str, figures_dir: Path, html_dir: Path, out_dir: Path) -> 
 
 
 def table1_html(metrics: pd.DataFrame) -> str:
-    table = plotting.format_table1(plotting.table1(metrics))
+    table = results_mod.format_table1(results_mod.table1(metrics))
     head = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
+    text = [c in results_mod.TABLE1_TEXT for c in table.columns]
     body = []
     for _, row in table.iterrows():
-        cells = "".join((f'<td class="num">{esc(v)}</td>' if i >= 5 else f"<td>{esc(v)}</td>")
+        cells = "".join((f"<td>{esc(v)}</td>" if text[i] else f'<td class="num">{esc(v)}</td>')
                         for i, v in enumerate(row.values))
         body.append(f"<tr>{cells}</tr>")
     return f'<div class="scroll"><table><tr>{head}</tr>{"".join(body)}</table></div>'
@@ -239,8 +242,8 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
     reports = root / reports_dir
     out = Path(out) if out is not None else reports / "index.html"
     profile = _profile(root / params_path)
-    metrics = plotting.load_metrics(results)
-    paper = plotting.paper_frame()
+    metrics = results_mod.load_metrics(results)
+    paper = results_mod.paper_frame()
     claim_rows = claims_mod.claims_table(metrics, paper)
     manifest = _read_json(root / "data" / "corpus" / "manifest.json")
     subject = _read_json(results / "subject_model.json")
@@ -248,7 +251,7 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
     n_variants = len(metrics)
     seeds = sorted(pd.to_numeric(metrics.get("seed", pd.Series([0])), errors="coerce").dropna().astype(int).unique())
 
-    figures = [n for n in plotting.FIGURES if n != "table1_configurations"]
+    figures = [n for n in FIGURES if n != "table1_configurations"]
     fig_html = "\n".join(figure_html(n, reports / "figures", reports / "html", out.parent) for n in figures)
     t1_link = ""
     if (reports / "html" / "table1_configurations.html").is_file():
@@ -293,7 +296,7 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
 {fig_html}
 
 <h2 id="table1">Table 1 · Configurations</h2>
-<p>{esc(plotting.FIGURES["table1_configurations"][1])}{t1_link}</p>
+<p>{esc(FIGURES["table1_configurations"][1])}{t1_link}</p>
 {table1_html(metrics)}
 
 <h2 id="synthetic">Ground-truth benchmark</h2>
@@ -303,10 +306,7 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
 {throughput_html(root / benchmarks_dir)}
 </body></html>
 """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, page)
     return out
 
 
