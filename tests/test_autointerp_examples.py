@@ -98,7 +98,7 @@ def test_scan_cache_matches_dense_codes_and_rare_features_get_a_second_pass():
     assert len(np.setdiff1d(chosen, order)) > 0
     cfg = small_cfg(num_features=3, min_activations=threshold)
     stream = ai.token_stream(tokens, doc, pos, cfg.chunk_length)
-    _, records = ai.autointerp_saes({"s": sae}, stream, lambda: iter(x.split(500)), cfg, ai.TokenPatternBackend(cfg), progress=False)
+    _, records, _ = ai.autointerp_saes({"s": sae}, stream, lambda: iter(x.split(500)), cfg, ai.TokenPatternBackend(cfg), progress=False)
     assert sorted(r["feature"] for r in records) == chosen.tolist()
     assert [r["num_activations"] for r in sorted(records, key=lambda r: r["feature"])] == counts[0][chosen].tolist()
 

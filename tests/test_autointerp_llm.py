@@ -9,20 +9,9 @@ from moesae import autointerp as ai
 from test_autointerp_support import acc, llm_server, openai_run  # noqa: F401  (llm_server: a fixture)
 
 
-def test_prompt_parsing_and_rendering():
-    assert ai.render_tokens([" a", " b", " c", " d"], [False, True, True, False]) == " a<< b c>> d"
-    assert ai.render_tokens([" a", " b"], [False, True]) == " a<< b>>"
-    assert ai.parse_explanation("Sure.\nExplanation: the word 'def'\nmore") == "the word 'def'"
-    assert ai.parse_judgements("Answer: [1, 0,1]", 3) == [True, False, True]
-    assert ai.parse_judgements("[1, 0] then [0, 0, 1]", 3) == [False, False, True]
-    assert ai.parse_judgements("[1, 2, 0]", 3) is None
-    for name in ("explain_system", "explain_user", "detection_system", "detection_user", "fuzzing_system", "fuzzing_user"):
-        assert ai.load_prompt(name).template
-
-
 def test_openai_backend_end_to_end_with_retries_and_cache(llm_server, tmp_path, monkeypatch):
     fake, url = llm_server(3)
-    df, records, client = openai_run(url, tmp_path / "cache", monkeypatch)
+    df, records, client, counts = openai_run(url, tmp_path / "cache", monkeypatch)
     assert client.stats["retries"] == 3
     assert fake.auth == {"Bearer secret"}
     assert set(df["quantile"]) == set(ai.QUANTILES) and not df.accuracy.isna().any()
@@ -32,9 +21,16 @@ def test_openai_backend_end_to_end_with_retries_and_cache(llm_server, tmp_path, 
     calls = fake.calls
     assert calls == client.stats["requests"] and client.stats["prompt_tokens"] == 10 * (calls - 3)
     # rerun: every answer comes from the disk cache, no request reaches the server
-    df2, _, client2 = openai_run(url, tmp_path / "cache", monkeypatch)
+    df2, _, client2, counts2 = openai_run(url, tmp_path / "cache", monkeypatch)
     assert fake.calls == calls and client2.stats["requests"] == 0 and client2.stats["cache_hits"] > 0
     pd.testing.assert_frame_equal(df, df2)
+    # the counts: every request of this SAE, all replies parsed; the rerun made none
+    (c,), (c2,) = counts, counts2
+    assert c.requests == calls and c.http_retries == 3 and c.cache_hits == 0
+    assert c.requests - c.http_retries == c.explanations + c.judgement_prompts
+    assert c.replies_unparsed == 0 and c.explanations_degenerate == 0 and c.parse_rate == 1.0
+    assert c.judgements_used == c.judgements_planned == int(df[df["quantile"].isin(["not", "q1"])].n.sum())
+    assert c2.requests == 0 and c2.cache_hits == c.requests - c.http_retries and c2.parse_rate == 1.0
 
 
 def test_chat_client_gives_up_and_refuses_clearly(llm_server, tmp_path):

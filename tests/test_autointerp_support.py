@@ -58,7 +58,7 @@ def run_offline(token_driven: bool = True, cfg=None):
     cfg = cfg or small_cfg()
     stream = ai.token_stream(tokens, doc, pos, cfg.chunk_length)
     sae = build_sae("topk", d_in=D_MODEL, num_latents=32, k=4, seed=0)
-    rows, records = ai.autointerp_saes(
+    rows, records, _ = ai.autointerp_saes(
         {"s": sae}, stream, lambda: iter(x.split(500)), cfg, ai.TokenPatternBackend(cfg, fake_token_strings),
         progress=False,
     )
@@ -101,11 +101,20 @@ class FakeLLM:
                 answers.append(int(any(w in words for w in text.split())))
         return answers
 
-    def answer(self, body: dict) -> str:
-        system, user = body["messages"][0]["content"], body["messages"][1]["content"]
-        if "short explanation" in system:
-            return self.explain(user)
+    def explain_reply(self, user: str, retry: bool, body: dict) -> str:
+        return self.explain(user)
+
+    def judge_reply(self, user: str, retry: bool, body: dict) -> str:
         return f"Here you go: {self.judge(user)}"
+
+    def answer(self, body: dict) -> str:
+        """Subclasses change ``explain_reply`` / ``judge_reply``; ``retry``: the request repeats
+        a malformed reply with the reminder (two more messages)."""
+        messages = body["messages"]
+        system, user, retry = messages[0]["content"], messages[1]["content"], len(messages) > 2
+        if "short explanation" in system:
+            return self.explain_reply(user, retry, body)
+        return self.judge_reply(user, retry, body)
 
     def handler(self):
         fake = self
@@ -170,18 +179,19 @@ def openai_env(monkeypatch, url, model="fake-llama"):
     monkeypatch.setenv("MOESAE_LLM_API_KEY", "secret")
 
 
-def openai_run(url, cache_dir, monkeypatch, **llm_overrides):
-    """The backend as the stage builds it: endpoint, model and key from the environment."""
+def openai_run(url, cache_dir, monkeypatch, cfg_overrides=None, **llm_overrides):
+    """The backend as the stage builds it: endpoint, model and key from the environment.
+    Returns (scores, explanation records, the client, the per-SAE counts)."""
     openai_env(monkeypatch, url)
     llm = {"examples_per_prompt": 7, "concurrency": 2, "max_retries": 4, "backoff_seconds": 0.0, "cache_dir": str(cache_dir)}
     llm.update(llm_overrides)
-    cfg = small_cfg(num_features=4, backend="openai", llm=llm)
+    cfg = small_cfg(**{"num_features": 4, "backend": "openai", "llm": llm, **(cfg_overrides or {})})
     backend = ai.make_backend(cfg, fake_token_strings)
     tokens, doc, pos, x = synthetic_cache()
     stream = ai.token_stream(tokens, doc, pos, cfg.chunk_length)
     sae = build_sae("topk", d_in=D_MODEL, num_latents=32, k=4, seed=0)
-    rows, records = ai.autointerp_saes({"s": sae}, stream, lambda: iter(x.split(500)), cfg, backend, progress=False)
-    return pd.DataFrame(rows), records, backend.client
+    rows, records, counts = ai.autointerp_saes({"s": sae}, stream, lambda: iter(x.split(500)), cfg, backend, progress=False)
+    return pd.DataFrame(rows), records, backend.client, counts
 
 
 # ---- the stage on stand-ins for the activation cache and the subject model --------------------

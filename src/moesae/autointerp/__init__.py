@@ -33,28 +33,41 @@ section "Automated interpretability"; running it against an LLM server: docs/aut
 The stage ``moesae autointerp`` (:mod:`.stage`) scores the Fig 3d series (:mod:`.selection`: the
 grid variant of each listed family at the L0 nearest ``target_l0``) and writes
 ``results/autointerp/scores.csv`` (variant, family, scorer, quantile, accuracy, ci_low, ci_high, n)
-and ``results/autointerp/explanations.jsonl`` (:mod:`.outputs`).
+``results/autointerp/explanations.jsonl`` and ``results/autointerp/summary.json`` (:mod:`.outputs`).
+Every reply is counted (:mod:`.accounting`): requests, degenerate explanations, judgement replies
+that could not be parsed, judgements used; a run whose parse rate is below
+``autointerp.min_parse_rate`` fails with the counts and a raw reply instead of reporting scores.
 """
 from __future__ import annotations
 
+from .accounting import AutointerpFailure, SAECounts, check_parse_rate, format_table, tally, totals
 from .backends import Explanation, OpenAIBackend, TokenPatternBackend, make_backend
+from .backends.base import Judgements
 from .backends.token_pattern import (
     describe_patterns, pattern_matches, simulate, simulate_many, token_pattern_explanation,
 )
-from .client import ChatClient
+from .client import ChatClient, Reply, cut_at_stop, redact_url
 from .codes import feature_order, sample_features, scan_cache, sparse_codes
 from .config import BACKENDS, FIG3D_FAMILIES, SCORERS, AutointerpConfig, LLMConfig, load_config
 from .examples import Example, FeatureExamples, TokenStream, collect_examples, silent_windows, token_stream
 from .items import Item, detection_items, fuzzing_items
-from .outputs import RESULTS_DIR, SCORE_COLUMNS, fig3d_table, write_explanations, write_scores
-from .prompting import load_prompt, render_tokens
-from .replies import parse_explanation, parse_judgements
-from .scoring import FeatureResult, autointerp_saes, score_feature, score_features, summarize
+from .outputs import (
+    RESULTS_DIR, SCORE_COLUMNS, fig3d_table, read_summary, summary, write_explanations, write_scores, write_summary,
+)
+from .prompting import judgement_schema, load_prompt, render_tokens
+from .replies import (
+    EXPLANATION_PROBLEMS, explanation_problem, is_repetitive, judgement_problem, parse_explanation, parse_judgements,
+)
+from .scoring import FeatureResult, autointerp_saes, explanation_record, score_feature, score_features, summarize
 from .selection import scored_families, select_variants
 from .stage import main, run_stage
 from .stats import QUANTILES, bootstrap_interval, quantile_accuracy, quantile_groups, wilson_interval
 
 __all__ = [
+    "AutointerpFailure", "EXPLANATION_PROBLEMS", "Judgements", "Reply", "SAECounts", "check_parse_rate",
+    "cut_at_stop", "explanation_problem", "explanation_record", "format_table", "is_repetitive",
+    "judgement_problem", "judgement_schema", "read_summary", "redact_url", "summary", "tally", "totals",
+    "write_summary",
     "AutointerpConfig", "BACKENDS", "ChatClient", "Example", "Explanation", "FIG3D_FAMILIES", "FeatureExamples",
     "FeatureResult", "Item", "LLMConfig", "OpenAIBackend", "QUANTILES", "RESULTS_DIR", "SCORERS", "SCORE_COLUMNS",
     "TokenPatternBackend", "TokenStream", "autointerp_saes", "bootstrap_interval", "collect_examples",

@@ -14,6 +14,10 @@ from ..params import section_to
 SCORERS = ("detection", "fuzzing")
 BACKENDS = ("token_pattern", "openai")
 EXTRA_FAMILIES = ("all_baselines", "none")
+RESPONSE_FORMATS = ("none", "json_schema")
+EXPLANATION_STOP = ["Example ", "Active tokens:"]
+"""Where an explanation reply is cut: the explainer prompt's own scaffolding, so a model that runs
+on into a fake ``Example 21:`` stops there (and its reply is then seen to hold no explanation)."""
 FIG3D_FAMILIES = [
     "scale_n16_e2", "scale_n32_e4", "scale_n64_e8_mean", "switch_n32", "scale_n64_e1_plain",
     "topk_m32th", "topk_m8th",
@@ -45,6 +49,16 @@ class LLMConfig:
     """Excerpts judged per scoring request."""
     explanation_max_tokens: int = 200
     judgement_max_tokens: int = 120
+    explanation_stop: list[str] = field(default_factory=lambda: list(EXPLANATION_STOP))
+    """Stop sequences of the explainer request (at most 4, the OpenAI limit); the reply is also cut
+    at them here, for servers that echo or ignore them. ``[]``: none."""
+    response_format: str = "none"
+    """none | json_schema: judgement requests carry an OpenAI ``response_format`` JSON schema
+    (``{"answers": [0 or 1, ...]}`` of exactly the right length), for servers with structured
+    output (vLLM, OpenAI); servers without it (``transformers serve``) ignore or refuse it."""
+    malformed_retries: int = 1
+    """A reply that holds no readable answer (no 0/1 list of the right length, no explanation line)
+    is asked again this many times, with a stricter reminder of the format; 0: never."""
     price_per_million_input: float = 0.0
     """USD per million prompt tokens, for the cost shown on the progress bar (0: tokens only)."""
     price_per_million_output: float = 0.0
@@ -53,8 +67,14 @@ class LLMConfig:
         for name in ("concurrency", "examples_per_prompt", "explanation_max_tokens", "judgement_max_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"'llm.{name}' must be a positive integer, got {getattr(self, name)!r}")
-        if not isinstance(self.max_retries, int) or self.max_retries < 0:
-            raise ValueError(f"'llm.max_retries' must be a non-negative integer, got {self.max_retries!r}")
+        for name in ("max_retries", "malformed_retries"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"'llm.{name}' must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.response_format not in RESPONSE_FORMATS:
+            raise ValueError(f"'llm.response_format' must be one of {RESPONSE_FORMATS}, got {self.response_format!r}")
+        stop = self.explanation_stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+            raise ValueError(f"'llm.explanation_stop' must be a list of at most 4 non-empty strings, got {stop!r}")
         for name in ("backoff_seconds", "timeout_seconds", "temperature", "price_per_million_input", "price_per_million_output"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"'llm.{name}' must be >= 0, got {getattr(self, name)!r}")
@@ -122,6 +142,11 @@ class AutointerpConfig:
     seed: int = 0
     device: str = "cpu"
     """Where the SAEs encode the cache: auto | cpu | cuda | cuda:<index> | mps."""
+    min_parse_rate: float = 0.8
+    """The stage fails when, for some SAE, fewer than this share of the judgements the protocol
+    plans come back usable: a judgement is lost when its reply could not be parsed (even after the
+    retry) or when its feature's explanation was degenerate (empty, an echo of the prompt's
+    scaffolding, a repetition loop: such features are not scored). token_pattern always scores 1."""
     llm: LLMConfig | dict = field(default_factory=LLMConfig)
 
     def __post_init__(self) -> None:
@@ -150,6 +175,9 @@ class AutointerpConfig:
             raise ValueError(f"'max_tokens' must be a positive integer or null, got {self.max_tokens!r}")
         if not 0 < self.min_precision <= 1:
             raise ValueError(f"'min_precision' must be in (0, 1], got {self.min_precision!r}")
+        rate = self.min_parse_rate
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate <= 1:
+            raise ValueError(f"'min_parse_rate' must be in [0, 1], got {self.min_parse_rate!r}")
         if not 0 < self.ci_level < 1:
             raise ValueError(f"'ci_level' must be in (0, 1), got {self.ci_level!r}")
         if isinstance(self.llm, dict):

@@ -29,3 +29,22 @@ def render_tokens(strings: Sequence[str], mark: Sequence[bool] | None = None) ->
     if inside:
         out.append(">>")
     return "".join(out)
+
+
+def judgement_schema(count: int) -> dict:
+    """The OpenAI ``response_format`` of a judgement reply: ``{"answers": [...]}`` with exactly
+    ``count`` entries, each 0 or 1 (an object at the root, as OpenAI's structured output requires)."""
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "judgements",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"answers": {"type": "array", "items": {"type": "integer", "enum": [0, 1]},
+                                           "minItems": count, "maxItems": count}},
+                "required": ["answers"],
+                "additionalProperties": False,
+            },
+        },
+    }

@@ -1,5 +1,9 @@
 """The ``moesae autointerp`` stage: load the activation cache, the subject model's tokenizer and
-the selected SAEs named by params.yaml, score them, write ``results/autointerp/``."""
+the selected SAEs named by params.yaml, score them, write ``results/autointerp/`` (scores.csv,
+explanations.jsonl, summary.json), and print the counts of each SAE.
+
+A run whose judgements are not usable (parse rate below ``autointerp.min_parse_rate``) raises
+:class:`~.accounting.AutointerpFailure` and writes none of the three files."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +16,8 @@ from ..params import ParamsError, load_params
 from .backends import make_backend
 from .config import BACKENDS, load_config
 from .examples import token_stream
-from .outputs import RESULTS_DIR, SCORE_COLUMNS, write_explanations, write_scores
+from .accounting import format_table
+from .outputs import RESULTS_DIR, SCORE_COLUMNS, summary, write_explanations, write_scores, write_summary
 from .scoring import autointerp_saes
 from .selection import select_variants
 
@@ -69,11 +74,15 @@ def run_stage(params_path: str | Path = "params.yaml", backend_name: str | None 
     def batches() -> Iterator[Any]:
         return reader.iter_batches(cfg.batch_size, max_tokens=n)
 
-    rows, records = autointerp_saes(saes, stream, batches, cfg, backend, progress=progress)
+    rows, records, counts = autointerp_saes(saes, stream, batches, cfg, backend, progress=progress, families=selected)
     for row in rows:
         row["family"] = selected[row["variant"]]
+    endpoint = backend.endpoint()
+    where = f" ({endpoint['model']} at {endpoint['endpoint']})" if endpoint.get("endpoint") else ""
+    print(f"[autointerp] backend {cfg.backend}{where}, per SAE:\n{format_table(counts)}")
     out_dir = Path(out_dir)
     write_explanations(records, out_dir / "explanations.jsonl")
+    write_summary(summary(counts, cfg.backend, endpoint, cfg.min_parse_rate, cfg.scorers), out_dir / "summary.json")
     write_scores(rows, out_dir / "scores.csv", SCORE_COLUMNS)
     return out_dir / "scores.csv"
 

@@ -12,7 +12,7 @@ import numpy as np
 from ..config import AutointerpConfig
 from ..examples import Example, FeatureExamples
 from ..items import Item
-from .base import Explanation
+from .base import Explanation, Judgements
 
 
 def token_pattern_explanation(
@@ -115,8 +115,15 @@ class TokenPatternBackend:
     def explain(self, fe: FeatureExamples) -> Explanation:
         return token_pattern_explanation(fe.explain, self.cfg.max_patterns, self.cfg.min_precision, self.token_strings)
 
-    def judge(self, explanation: Explanation, items: Sequence[Item], scorer: str, seed: int = 0) -> list[bool | None]:
-        return list(simulate_many(explanation, items, scorer))
+    def judge(self, explanation: Explanation, items: Sequence[Item], scorer: str, seed: int = 0) -> Judgements:
+        return Judgements(list(simulate_many(explanation, items, scorer)))
+
+    def request_stats(self) -> dict[str, int]:
+        """No requests: the counts every backend reports, all zero."""
+        return {}
+
+    def endpoint(self) -> dict[str, str | None]:
+        return {"endpoint": None, "model": None}
 
     def progress_postfix(self) -> dict[str, Any]:
         return {}
