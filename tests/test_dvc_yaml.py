@@ -34,9 +34,12 @@ def _stages() -> dict[str, dict]:
             out[name] = stage
             continue
         items = stage["foreach"]
-        keys = list(PARAMS["grid"]["families"]) if items == "${grid.families}" else list(items)
-        for key in keys:
+        items = PARAMS["grid"]["families"] if items == "${grid.families}" else items
+        for key in items:
             text = yaml.safe_dump(stage["do"]).replace("${key}", key).replace("${item}", key)
+            if isinstance(items, dict) and isinstance(items[key], dict):
+                for field, value in items[key].items():
+                    text = text.replace("${item.%s}" % field, str(value))
             out[f"{name}@{key}"] = yaml.safe_load(text)
     return out
 
