@@ -9,6 +9,7 @@ only the variants that value affects.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,7 +17,9 @@ from typing import Any
 
 from ..grid import MODELS_DIR, build_variant, family_variants, model_dir, study_variants
 from ..params import ParamsError, load_params, require, section_to
+from . import distributed
 from .fingerprint import training_fingerprint
+from .launchers import pop_launch_settings, submit_variants
 from .trainer import LOG_FILE, TrainConfig, TrainingRun, finish, read_train_log, train_saes
 
 RECIPE_ONLY_KEYS = ("batch_size", "data_seed", "dead_tokens_threshold")
@@ -33,8 +36,12 @@ def is_trained(path: Path, fingerprint: str) -> bool:
 
 
 def train_variants(names: list[str], params_path: str | Path = "params.yaml", progress: bool = True,
-                   force: bool = False) -> list[str]:
-    """Train the named variants in one pass over the activation cache; returns those trained."""
+                   force: bool = False, *, launcher: str | None = None, should_stop=None) -> list[str]:
+    """Train the named variants in one pass over the activation cache; returns those trained.
+
+    ``launcher`` overrides ``train.launcher`` (a submitit job trains ``local``ly); ``should_stop``
+    is polled after every step (see :func:`~.trainer.train_saes`'s ``stop_after``). Under
+    ``torchrun`` each SAE trains data-parallel across the ranks (:mod:`.distributed`)."""
     from ..activations import ActivationReader
     from ..precision import keep_freed_cpu_memory
 
@@ -47,7 +54,11 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
             f"e.g. {next(iter(variants))})"
         )
     train_section = dict(params.get("train") or {})
+    launch = pop_launch_settings(train_section)  # where an SAE trains is not part of what it is
+    dist = distributed.from_environment()  # None unless torchrun started several ranks
     recipe = dict(train_section)
+    if dist is not None:
+        recipe = distributed.fingerprint_recipe(recipe, dist.world_size)
     batch_size, seed, dead_threshold = (require(train_section, key, "train") for key in RECIPE_ONLY_KEYS)
     for key in RECIPE_ONLY_KEYS:
         train_section.pop(key)
@@ -58,8 +69,15 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
             print(f"[train] {name}: up to date, skipped")
             continue
         todo.append((name, fingerprint))
+    if dist is not None:
+        dist.check_same([n for n, _ in todo])
     if not todo:
         return []
+    if (launcher or launch.launcher) == "submitit" and dist is None:
+        expected = dict(todo)
+        return submit_variants(list(expected), params_path, launch.submitit, force=force,
+                               is_trained=lambda n: is_trained(model_dir(n, variants[n]), expected[n]),
+                               label="train-" + "+".join(sorted({str(variants[n]["family"]) for n in expected})))
     reader = ActivationReader(Path(require(params.get("paths") or {}, "activations", "paths")) / "train")
     runs, fingerprints = [], {}
     for name, fingerprint in todo:
@@ -72,14 +90,23 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
         runs.append(TrainingRun(name=name, sae=sae, config=cfg, out_dir=model_dir(name, variant)))
         fingerprints[name] = fingerprint
     batch_at = reader.batch_fn(int(batch_size), seed=int(seed))
+    if dist is not None:  # each rank reads only its slice of every batch
+        batch_at = distributed.ShardedBatches(reader, int(batch_size), int(seed))
+        dist.prepare(runs)
     keep_freed_cpu_memory()  # this process only trains: reuse freed gradient-sized blocks
     start = time.time()
-    train_saes(runs, batch_at, progress=progress)
+    train_saes(runs, batch_at, progress=progress, stop_after=should_stop, dist=dist)
     for run in runs:
+        if dist is not None and not dist.is_writer:
+            continue  # rank 0 writes the outputs
         extra = {"variant": run.name, "family": variants[run.name]["family"],
                  "fingerprint": fingerprints[run.name], "wall_seconds": time.time() - start}
+        if dist is not None:
+            extra["world_size"] = dist.world_size
         finish(run, extra)
         print(f"[train] {run.name}: saved to {run.out_dir}")
+    if dist is not None:
+        dist.barrier()  # every rank returns once rank 0 has written
     return [r.name for r in runs]
 
 
@@ -110,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     names = family_variants(params, args.family) if args.family else args.variant
     with record("train@" + (args.family or "+".join(names))):
-        if args.family:
+        if args.family and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone
             remove_stale(args.family, params)
         train_variants(names, args.params, progress=not args.no_progress, force=args.force)
     return 0

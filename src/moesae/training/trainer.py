@@ -33,6 +33,10 @@ class TrainingDiverged(RuntimeError):
     """A loss or gradient became NaN/inf; the message names the SAE and the step."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """A requested stop (``stop_after`` callable, e.g. a preempted job): checkpoints are written."""
+
+
 @dataclass
 class TrainConfig:
     steps: int = 300
@@ -159,7 +163,13 @@ def _check_finite(run: TrainingRun, step: int, what: str, value: Tensor) -> None
         )
 
 
-def train_step(run: TrainingRun, x: Tensor, step: int) -> dict[str, float]:
+def train_step(run: TrainingRun, x: Tensor, step: int, dist=None) -> dict[str, float]:
+    """One optimiser step of ``run`` on the batch ``x``.
+
+    ``dist``: the data-parallel hook (:class:`.distributed.DataParallel`, None for one process):
+    ``x`` is this rank's slice; gradients, dead-latent statistics and logged numbers are reduced
+    over the ranks.
+    """
     sae, cfg = run.sae, run.config
     sae.train()
     lr = run.base_lr * lr_multiplier(step, cfg.steps, cfg.decay_fraction)
@@ -172,18 +182,23 @@ def train_step(run: TrainingRun, x: Tensor, step: int) -> dict[str, float]:
     _check_finite(run, step, "the loss", loss.detach())
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if dist is not None:
+        dist.reduce_gradients(sae)  # data parallel: every rank gets the full batch's gradient
     grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     _check_finite(run, step, "the gradient norm", grad_norm.detach())
     sae.project_decoder_grad()
     run.optimizer.step()
-    sae.update_dead_statistics(out, x.shape[0])
-    run.tokens_seen += x.shape[0]
+    tokens = x.shape[0] if dist is None else dist.batch_tokens
+    sae.update_dead_statistics(out, tokens)
+    if dist is not None:
+        dist.reduce_statistics(sae)  # a latent that fired on any rank fired in the batch
+    run.tokens_seen += tokens
     stats = {name: float(v.detach()) for name, v in out.losses.items()}
     stats["loss"] = float(loss.detach())
     stats["l0"] = float(out.l0())
     stats["dead_fraction"] = float(sae.dead_mask().float().mean())
     stats["lr"] = lr
-    return stats
+    return stats if dist is None else dist.reduce_log(stats)
 
 
 def train_saes(
@@ -191,12 +206,19 @@ def train_saes(
     batch_at: Callable[[int], Tensor],
     *,
     progress: bool = True,
-    stop_after: int | None = None,
+    stop_after=None,
+    dist=None,
 ) -> list[TrainingRun]:
     """Train every run on the same batches. ``batch_at(step)`` must be deterministic.
 
     Each run resumes from its own checkpoint (if any). ``stop_after`` stops early after that many
     steps of this call (used to test interruption). Returns the runs; the caller saves the models.
+
+    ``stop_after`` may also be a callable ``(steps done) -> bool`` polled after every step (a
+    requested stop, e.g. a preempted job): when it returns True before the last step, every
+    run's checkpoint is written and :class:`TrainingInterrupted` is raised. ``dist``: train each
+    SAE data-parallel across processes (:mod:`.distributed`); only its writer rank writes
+    checkpoints.
     """
     if not runs:
         return list(runs)
@@ -204,37 +226,53 @@ def train_saes(
     if len(steps) != 1:
         raise ValueError(f"invalid train config field 'steps': runs trained together need one step count, got {steps}")
     total = steps.pop()
+    writer = dist is None or dist.is_writer
     starts = [r.load_checkpoint() for r in runs]
     start = min(starts)
     if start == 0:
-        x0 = batch_at(0)
+        x0 = batch_at(0) if dist is None else dist.init_batch(batch_at)
         for r, s in zip(runs, starts):
             if s == 0:
                 r.sae.init_from_batch(x0)
+    if dist is not None:
+        dist.start(runs)
     done_this_call = 0
-    bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc="train", unit="step")
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not progress or not writer, desc="train",
+               unit="step")
     for step in bar:
-        x = batch_at(step)
+        x = batch_at(step) if dist is None else dist.local_batch(batch_at, step)
         for r, s in zip(runs, starts):
             if step < s:
                 continue  # this run was further along; it already saw this batch
             t0 = time.perf_counter()
-            stats = train_step(r, x, step)
+            stats = train_step(r, x, step, dist=dist)
             r.seconds += time.perf_counter() - t0
             if step % r.config.log_every == 0 or step == total - 1:
                 r.history.append({"step": step, "tokens": r.tokens_seen, **stats})
             every = r.config.checkpoint_every
-            if every and (step + 1) % every == 0 and step + 1 < total:
+            if every and (step + 1) % every == 0 and step + 1 < total and writer:
                 r.save_checkpoint(step + 1)
         if progress and runs[0].history:
             last = runs[0].history[-1]
             bar.set_postfix(mse=f"{last['mse']:.4g}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_fraction']:.2f}")
         done_this_call += 1
-        if stop_after is not None and done_this_call >= stop_after:
+        if _stop_requested(stop_after, done_this_call, step + 1, total):
             for r in runs:
-                r.save_checkpoint(step + 1)
+                if writer:
+                    r.save_checkpoint(step + 1)
+            if callable(stop_after):
+                raise TrainingInterrupted(f"training stopped on request after step {step + 1} of {total}; "
+                                          "checkpoints written")
             return list(runs)
     return list(runs)
+
+
+def _stop_requested(stop_after, done_this_call: int, steps_done: int, total: int) -> bool:
+    if stop_after is None:
+        return False
+    if callable(stop_after):
+        return steps_done < total and bool(stop_after(steps_done))
+    return done_this_call >= stop_after
 
 
 def finish(run: TrainingRun, extra_log: dict | None = None) -> Path:
