@@ -135,3 +135,22 @@ def test_local_executor_preempted_job_checkpoints_requeues_and_matches_local(tmp
     log = Path(failure.value.args[0].rsplit("log: ", 1)[1].strip())
     assert "activation shard" in log.read_text()
     assert json.loads((work / "models" / "topk" / "topk_k2" / "cfg.json").read_text())
+
+
+def test_slurm_settings_become_sbatch_parameters(tmp_path, monkeypatch):
+    """No cluster here: a stand-in ``srun`` lets submitit build the sbatch script it would submit."""
+    from moesae.training.launchers import make_executor
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    settings = pop_launch_settings({"launcher": "submitit", "submitit": {
+        "executor": "slurm", "partition": "gpu", "gpus_per_node": 2, "cpus_per_task": 8, "mem_gb": 64,
+        "timeout_min": 90, "max_parallel": 3, "slurm": {"account": "proj", "qos": "high"}}}).submitit
+    executor = make_executor(settings, "slurm", tmp_path / "jobs", "moesae-train-topk")
+    script = executor._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=8", "--mem=64GB", "--time=90",
+                 "--account=proj", "--qos=high", "--job-name=moesae-train-topk", "--signal=USR2@90"):
+        assert f"#SBATCH {line}" in script, line
+    assert executor._executor.parameters["array_parallelism"] == 3

@@ -356,13 +356,19 @@ def _report(outcome: JobOutcome) -> JobOutcome:
 
 
 def submit_variants(names: list[str], params_path: str | Path, settings: SubmititConfig, *, force: bool,
-                    is_trained: Callable[[str], bool], label: str = "train") -> list[str]:
+                    is_trained: Callable[[str], bool], label: str = "train",
+                    family_of: Callable[[str], str] | None = None) -> list[str]:
     """Train the pending ``names`` as submitit jobs; returns those trained. Raises (after every
-    job is over) naming each variant that did not end trained and its job's log."""
+    job is over) naming each variant that did not end trained and its job's log.
+
+    A job holds variants of one family only (``family_of``), which share a step count."""
     root = Path.cwd().resolve()
     params = str(Path(params_path).resolve())
     folder = (root / settings.folder) if not Path(settings.folder).is_absolute() else Path(settings.folder)
-    groups = chunks(list(names), settings.variants_per_job)
+    by_family: dict[str, list[str]] = {}
+    for name in names:
+        by_family.setdefault(family_of(name) if family_of else "", []).append(name)
+    groups = [g for members in by_family.values() for g in chunks(members, settings.variants_per_job)]
     print(f"[train] {len(names)} variant(s) in {len(groups)} submitit job(s), executor "
           f"{resolve_executor(settings.executor)}, logs under {folder}", flush=True)
     outcomes = run_jobs(groups, lambda g: TrainJob(g, params, str(root), force=force), settings, folder,

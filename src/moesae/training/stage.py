@@ -77,7 +77,8 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
         expected = dict(todo)
         return submit_variants(list(expected), params_path, launch.submitit, force=force,
                                is_trained=lambda n: is_trained(model_dir(n, variants[n]), expected[n]),
-                               label="train-" + "+".join(sorted({str(variants[n]["family"]) for n in expected})))
+                               label="train-" + "+".join(sorted({str(variants[n]["family"]) for n in expected})),
+                               family_of=lambda n: str(variants[n]["family"]))
     reader = ActivationReader(Path(require(params.get("paths") or {}, "activations", "paths")) / "train")
     runs, fingerprints = [], {}
     for name, fingerprint in todo:
