@@ -217,3 +217,118 @@ def test_config_errors_name_the_key(values, fragment):
 def test_missing_cache_says_how_to_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="moesae activations"):
         ActivationReader(tmp_path)
+
+
+# ---- per-split context length ---------------------------------------------------------------------
+def test_context_length_by_split(sm, tmp_path):
+    cfg = _cfg(context_length_by_split={"autointerp": 32})
+    assert cfg.context_for("train") == 16 and cfg.context_for("autointerp") == 32
+    assert _cfg(paper_faithful=True, context_length_by_split={"autointerp": 32}).context_for("autointerp") == 20
+    auto = cache_split(sm, TEXTS, tmp_path / "autointerp", cfg, "autointerp", progress=False)
+    train = cache_split(sm, TEXTS, tmp_path / "train", cfg, "train", progress=False)
+    assert (auto["context_length"], train["context_length"]) == (32, 16)
+    # Same rows, fewer and longer contexts: one context holds up to 31 tokens after BOS.
+    assert auto["num_tokens"] == train["num_tokens"] and auto["num_sequences"] < train["num_sequences"]
+    positions = ActivationReader(tmp_path / "autointerp").position
+    assert positions.max() == 31 and ActivationReader(tmp_path / "train").position.max() == 15
+
+
+@pytest.mark.parametrize("values,fragment", [
+    ({"context_length_by_split": {"validation": 64}}, "context_length_by_split.validation"),
+    ({"context_length_by_split": {"autointerp": 1}}, "context_length_by_split.autointerp"),
+    ({"context_length_by_split": [256]}, "'context_length_by_split'"),
+    ({"max_disk_gb": 0}, "'max_disk_gb'"),
+    ({"max_disk_gb": "60"}, "'max_disk_gb'"),
+])
+def test_new_config_errors_name_the_key(values, fragment):
+    with pytest.raises(ParamsError, match=fragment):
+        section_to(ActivationsConfig, values, "activations")
+
+
+# ---- bounded disk: the train split is capped, training cycles over it -------------------------------
+@pytest.fixture(scope="module")
+def stage_inputs(sm, tmp_path_factory):
+    """A corpus and a saved subject model on disk, as the activations stage reads them."""
+    from moesae.corpus import save_split
+    from moesae.subject_model import save_subject_model
+
+    root = tmp_path_factory.mktemp("stage")
+    texts = TEXTS * 3
+    for split in ("train", "heldout", "cross", "autointerp"):
+        save_split(root / "corpus", split, texts, ["t"] * len(texts))
+    meta = {"name": "tiny", "hook_layer": sm.hook_layer, "prepend_bos": sm.prepend_bos,
+            "context_length": sm.context_length}
+    save_subject_model(root / "model", sm.model, sm.tokenizer, meta)
+    return root
+
+
+def _budget_cfg(max_disk_gb, **kw):
+    return _cfg(**{"max_tokens": {"train": None, "heldout": 64, "cross": None}, "max_disk_gb": max_disk_gb, **kw})
+
+
+def test_disk_budget_caps_the_train_split(sm, stage_inputs, tmp_path):
+    from moesae.activations import GB, build_activations
+
+    full = build_activations(_budget_cfg(None), stage_inputs / "corpus", stage_inputs / "model", tmp_path / "full",
+                             progress=False)
+    row = disk_bytes(1, sm.d_model, "float32")
+    others = full["heldout"]["num_tokens"] + full["cross"]["num_tokens"]
+    budget_rows = others + full["train"]["num_tokens"] // 3  # room for a third of the train split
+    out = build_activations(_budget_cfg(budget_rows * row / GB), stage_inputs / "corpus", stage_inputs / "model",
+                            tmp_path / "capped", progress=False)
+    budget = out["train"]["disk_budget"]
+    assert out["train"]["num_tokens"] == budget["train_tokens"] == budget["cap_tokens"]
+    assert abs(budget["cap_tokens"] - full["train"]["num_tokens"] // 3) <= 1 and budget["capped"]
+    assert out["heldout"]["num_tokens"] == 64 and out["cross"]["num_tokens"] == full["cross"]["num_tokens"]
+    files = [p for split in ("train", "heldout", "cross") for p in (tmp_path / "capped" / split).glob("*.npy")]
+    on_disk = sum(p.stat().st_size for p in files)
+    assert budget["planned_bytes"] <= budget_rows * row
+    assert on_disk <= budget_rows * row + 128 * len(files)  # + one 128-byte .npy header per file
+    # The capped split is the start of the uncapped one: same rows, bit for bit.
+    capped = ActivationReader(tmp_path / "capped" / "train")
+    assert torch.equal(capped.slice(0, capped.num_tokens), ActivationReader(tmp_path / "full" / "train").slice(0, capped.num_tokens))
+    assert capped.epochs(3 * capped.num_tokens) == 3.0
+    # A budget that leaves no room for training is refused, naming the key.
+    with pytest.raises(ValueError, match="activations.max_disk_gb"):
+        build_activations(_budget_cfg(others * row / GB / 2), stage_inputs / "corpus", stage_inputs / "model",
+                          tmp_path / "none", progress=False)
+
+
+def test_a_budget_above_the_need_changes_nothing(sm, stage_inputs, tmp_path):
+    from moesae.activations import build_activations
+
+    out = build_activations(_budget_cfg(1000.0, max_tokens={"train": 100, "heldout": 64}), stage_inputs / "corpus",
+                            stage_inputs / "model", tmp_path / "acts", progress=False)
+    assert out["train"]["num_tokens"] == 100 and not out["train"]["disk_budget"]["capped"]
+    assert out["train"]["disk_budget"]["requested_tokens"] == 100
+
+
+def test_bounded_run_resumes_bit_for_bit(sm, stage_inputs, tmp_path):
+    """Training for several epochs over a capped cache, interrupted and resumed from its checkpoint
+    with a fresh reader, ends with exactly the weights of an uninterrupted run."""
+    from moesae.activations import GB, build_activations
+    from moesae.saes import build_sae
+    from moesae.training import TrainConfig
+    from moesae.training.trainer import TrainingRun, train_saes
+
+    row = disk_bytes(1, sm.d_model, "float32")
+    build_activations(_budget_cfg((64 + 300 + 200) * row / GB, max_tokens={"train": None, "heldout": 64}),
+                      stage_inputs / "corpus", stage_inputs / "model", tmp_path / "acts", progress=False)
+    reader = ActivationReader(tmp_path / "acts" / "train")
+    assert reader.manifest["disk_budget"]["capped"] and reader.num_tokens == 500
+    batch, steps = 96, 24  # 2304 tokens: 4.6 epochs over the 500 cached rows
+
+    def runs(folder):
+        sae = build_sae("topk", d_in=reader.d_model, num_latents=64, k=4, seed=0)
+        return [TrainingRun("topk", sae, TrainConfig(steps=steps, log_every=4, checkpoint_every=0), out_dir=folder)]
+
+    straight = train_saes(runs(tmp_path / "a"), reader.batch_fn(batch, seed=0), progress=False)
+    first = train_saes(runs(tmp_path / "b"), ActivationReader(tmp_path / "acts" / "train").batch_fn(batch, seed=0),
+                       progress=False, stop_after=11)  # mid-epoch: 1056 tokens = 2.1 epochs
+    assert (tmp_path / "b" / "checkpoint.pt").is_file() and first[0].tokens_seen == 11 * batch
+    resumed = train_saes(runs(tmp_path / "b"), ActivationReader(tmp_path / "acts" / "train").batch_fn(batch, seed=0),
+                         progress=False)
+    a, b = straight[0].sae.state_dict(), resumed[0].sae.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed[0].history == straight[0].history
+    assert reader.epochs(resumed[0].tokens_seen) == pytest.approx(steps * batch / 500)

@@ -55,3 +55,39 @@ def test_cli_reports_an_unknown_key(tmp_path, capsys, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert cli.main(["corpus", "--params", "params.yaml"]) == 1
     assert "corpus.max_bytes" in capsys.readouterr().err
+
+
+# ---- offline mode is a profile setting (issue #15) ----------------------------------------------
+def _make_env(tmp_path, params_text: str | None, **env: str) -> dict[str, str]:
+    """The HF offline variables `make` exports with this params.yaml (and these variables set)."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "Makefile", tmp_path / "Makefile")
+    if params_text is not None:
+        (tmp_path / "params.yaml").write_text(params_text)
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "DVC_NO_ANALYTICS")
+    base = {k: v for k, v in os.environ.items() if k not in names}
+    show = "show-env: ; @echo " + " ".join(f"{n}=[$${n}]" for n in names)
+    out = subprocess.run(["make", "-s", "--eval", show, "show-env"], cwd=tmp_path, env={**base, **env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    return dict(item.rstrip("]").split("=[", 1) for item in out)
+
+
+def test_makefile_offline_only_for_offline_profiles(tmp_path):
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    offline = _make_env(tmp_path, "profile: default\noffline: true\n")
+    assert offline == {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "DVC_NO_ANALYTICS": "1"}
+    online = _make_env(tmp_path, "profile: paper\noffline: false\n")
+    assert online == {"HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "TRANSFORMERS_OFFLINE": "", "DVC_NO_ANALYTICS": "1"}
+    assert _make_env(tmp_path, "profile: x\n")["HF_HUB_OFFLINE"] == ""  # no key: not forced
+    # The user's own variables win.
+    assert _make_env(tmp_path, "offline: true\n", HF_HUB_OFFLINE="0")["HF_HUB_OFFLINE"] == "0"
+    assert _make_env(tmp_path, "offline: false\n", HF_HUB_OFFLINE="1")["HF_HUB_OFFLINE"] == "1"

@@ -1,6 +1,7 @@
 """Stage ``activations``: the subject model's residual stream at the hook, cached on disk.
 
-Layout of ``<paths.activations>/<split>/`` (splits train / heldout / cross):
+Layout of ``<paths.activations>/<split>/`` (the splits named in ``max_tokens``: train / heldout /
+cross, and autointerp in the paper profile):
 
 * ``shard_00000.npy`` … — activation rows ``[rows, d_model]`` in NumPy ``.npy`` format, readable
   with ``np.load(mmap_mode="r")``. ``bfloat16`` (which NumPy lacks) is stored as its raw 16-bit
@@ -16,7 +17,14 @@ tokens (BOS first when the subject model prepends it); long documents are split 
 contexts (``long_documents: split``) or truncated to their first context (``truncate``, what the
 Switch SAE code does). Padding is never cached, and the BOS position (the same vector in every
 context) is dropped by default. ``paper_faithful: true`` reproduces the Scale SAE authors' cache
-instead: every document truncated to its first 20 tokens, padding positions *kept*.
+instead: every document truncated to its first 20 tokens, padding positions *kept*. A split may
+have its own context length (``context_length_by_split``, e.g. 256 for ``autointerp`` as in the
+paper).
+
+Bounded disk: ``max_disk_gb`` caps the whole cache. The other splits are planned first and the
+train split gets the rows that still fit (recorded under ``disk_budget`` in its manifest); the
+trainer's batch stream (:meth:`ActivationReader.batch_fn`) then cycles over it epoch after epoch,
+still a deterministic function of the step, so an interrupted run resumes bit for bit.
 
 Resumable: the split's work is planned up front (deterministically), each finished shard is
 written atomically and recorded in ``progress.json``; a rerun keeps those shards and continues.
@@ -81,12 +89,29 @@ class ActivationsConfig:
     device: str = "auto"
     threads: int | None = None
     """torch CPU threads (null: torch's default)."""
+    context_length_by_split: dict[str, int] = field(default_factory=dict)
+    """Per-split context length overriding ``context_length`` (e.g. ``{autointerp: 256}``: the paper's
+    auto-interp contexts); BOS included. Ignored with ``paper_faithful``."""
+    max_disk_gb: float | None = None
+    """Disk budget of the whole cache (GB = 1e9 bytes; shards + row metadata). The train split is
+    capped so that every split fits; training then cycles over it (epochs). Null: no cap."""
 
     def __post_init__(self) -> None:
         from .corpus import SPLITS
 
         if not isinstance(self.context_length, int) or self.context_length < 2:
             raise ValueError(f"'context_length' must be an integer >= 2, got {self.context_length!r}")
+        if not isinstance(self.context_length_by_split, dict):
+            raise ValueError(f"'context_length_by_split' must map split names to context lengths, "
+                             f"got {self.context_length_by_split!r}")
+        for split, value in self.context_length_by_split.items():
+            if split not in SPLITS:
+                raise ValueError(f"'context_length_by_split.{split}': unknown split (splits are {', '.join(SPLITS)})")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+                raise ValueError(f"'context_length_by_split.{split}' must be an integer >= 2, got {value!r}")
+        if self.max_disk_gb is not None and (isinstance(self.max_disk_gb, bool)
+                                             or not isinstance(self.max_disk_gb, (int, float)) or self.max_disk_gb <= 0):
+            raise ValueError(f"'max_disk_gb' must be a positive number of GB or null, got {self.max_disk_gb!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("shard_tokens", "batch_size"):
@@ -108,6 +133,12 @@ class ActivationsConfig:
     @property
     def effective_context_length(self) -> int:
         return PAPER_FAITHFUL_CONTEXT if self.paper_faithful else self.context_length
+
+    def context_for(self, split: str | None) -> int:
+        """The context length of ``split`` (BOS included), after paper_faithful overrides."""
+        if self.paper_faithful:
+            return PAPER_FAITHFUL_CONTEXT
+        return int(self.context_length_by_split.get(split, self.context_length)) if split else self.context_length
 
     @property
     def effective_long_documents(self) -> str:
@@ -163,9 +194,10 @@ class SplitPlan:
 
 
 def plan_split(sm, texts: Sequence[str], cfg: ActivationsConfig, max_tokens: int | None,
-               chunk_docs: int = 512) -> SplitPlan:
-    """Tokenize documents (in order, stopping once ``max_tokens`` rows are planned) into contexts."""
-    T = cfg.effective_context_length
+               chunk_docs: int = 512, split: str | None = None) -> SplitPlan:
+    """Tokenize documents (in order, stopping once ``max_tokens`` rows are planned) into contexts
+    of ``split``'s context length."""
+    T = cfg.context_for(split)
     split_long = cfg.effective_long_documents == "split"
     skip_bos = int(cfg.effective_exclude_bos and sm.prepend_bos)
     seqs, docs, starts, ends = [], [], [], []
@@ -262,19 +294,24 @@ def _model_fingerprint(model_dir: Path) -> str:
 
 def cache_split(sm, texts: Sequence[str], out_dir: str | Path, cfg: ActivationsConfig, split: str,
                 model_fingerprint: str = "", progress: bool = True,
-                stop_after_shards: int | None = None) -> dict[str, Any]:
+                stop_after_shards: int | None = None, plan: SplitPlan | None = None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Cache one split into ``out_dir`` (resuming finished shards); returns its manifest.
 
+    ``plan``: the split's plan when already made (default: plan ``max_tokens[split]`` rows);
+    ``extra``: entries added to the manifest (not to its fingerprint; e.g. the disk budget).
     ``stop_after_shards`` stops after writing that many shards in this call (to test resuming)."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_split(sm, texts, cfg, cfg.max_tokens.get(split))
+    if plan is None:
+        plan = plan_split(sm, texts, cfg, cfg.max_tokens.get(split), split=split)
+    extra = dict(extra or {})
     settings = {
         "format": FORMAT, "split": split, "model": sm.name, "model_fingerprint": model_fingerprint,
         "hook": sm.hook_name, "hook_layer": sm.hook_layer, "d_model": sm.d_model, "dtype": cfg.dtype,
-        "context_length": cfg.effective_context_length, "long_documents": cfg.effective_long_documents,
+        "context_length": cfg.context_for(split), "long_documents": cfg.effective_long_documents,
         "paper_faithful": cfg.paper_faithful, "prepend_bos": sm.prepend_bos,
         "exclude_bos": cfg.effective_exclude_bos, "keep_padding": cfg.keep_padding,
         "shard_tokens": cfg.shard_tokens,
@@ -284,6 +321,9 @@ def cache_split(sm, texts: Sequence[str], out_dir: str | Path, cfg: ActivationsC
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
         if old.get("fingerprint") == fingerprint and _shards_intact(out, old["shards"]):
+            if any(old.get(k) != v for k, v in extra.items()):  # same rows, new bookkeeping (e.g. budget)
+                old.update(extra)
+                _write_json(manifest_path, old)
             return old  # already complete and unchanged
     done: dict[str, dict[str, Any]] = {}
     if progress_path.is_file():
@@ -324,7 +364,7 @@ def cache_split(sm, texts: Sequence[str], out_dir: str | Path, cfg: ActivationsC
     manifest = {
         **settings, "fingerprint": fingerprint, "shape": [total_rows, sm.d_model], "num_tokens": total_rows,
         "num_sequences": int(len(plan.lengths)), "num_documents": int(len(np.unique(plan.doc_index))),
-        "metadata": {name: f"{name}.npy" for name in META_ARRAYS}, "shards": shards,
+        "metadata": {name: f"{name}.npy" for name in META_ARRAYS}, "shards": shards, **extra,
     }
     _write_json(manifest_path, manifest)
     progress_path.unlink(missing_ok=True)
@@ -347,6 +387,37 @@ def _check_disk(out: Path, need_bytes: int, split: str) -> None:
 def disk_bytes(num_tokens: int, d_model: int, dtype: str) -> int:
     """On-disk size of a cache (shards + 4 int32 metadata arrays), for planning."""
     return num_tokens * (d_model * np.dtype(DTYPES[dtype][1]).itemsize + 4 * len(META_ARRAYS))
+
+
+GB = 1e9
+
+
+def train_budget(cfg: ActivationsConfig, d_model: int, other_tokens: dict[str, int]) -> dict[str, Any] | None:
+    """How the disk budget (``max_disk_gb``) caps the train split, given the rows of the other
+    splits; None when there is no budget (or no train split).
+
+    Returns ``max_disk_gb``, ``other_splits_bytes``, ``requested_tokens`` (``max_tokens.train``),
+    ``cap_tokens`` (what fits beside the other splits) and ``train_max_tokens`` (the rows to plan)."""
+    if cfg.max_disk_gb is None or "train" not in cfg.max_tokens:
+        return None
+    other = sum(disk_bytes(int(n), d_model, cfg.dtype) for split, n in other_tokens.items() if split != "train")
+    budget = int(cfg.max_disk_gb * GB)
+    cap = (budget - other) // disk_bytes(1, d_model, cfg.dtype)
+    if cap <= 0:
+        raise ValueError(
+            f"'activations.max_disk_gb' ({cfg.max_disk_gb} GB) leaves no room for the train split: the other splits "
+            f"({', '.join(s for s in other_tokens if s != 'train')}) alone need {other / GB:.1f} GB; raise "
+            "'activations.max_disk_gb' or lower their 'activations.max_tokens'"
+        )
+    requested = cfg.max_tokens["train"]
+    return {"max_disk_gb": cfg.max_disk_gb, "other_splits_bytes": int(other), "requested_tokens": requested,
+            "cap_tokens": int(cap), "train_max_tokens": int(cap if requested is None else min(requested, cap)),
+            "capped": bool(requested is None or cap < requested)}
+
+
+def planned_epochs(tokens_trained: int, cache_tokens: int) -> float:
+    """Passes over a cache of ``cache_tokens`` rows that training on ``tokens_trained`` tokens makes."""
+    return tokens_trained / cache_tokens if cache_tokens else math.inf
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -390,6 +461,11 @@ class ActivationReader:
 
     def __len__(self) -> int:
         return self.num_tokens
+
+    def epochs(self, tokens_trained: int) -> float:
+        """Passes over this cache that training on ``tokens_trained`` tokens makes (a capped cache
+        is cycled: :meth:`batch_fn` continues epoch after epoch)."""
+        return planned_epochs(tokens_trained, self.num_tokens)
 
     def __repr__(self) -> str:
         return f"ActivationReader({self.dir}, tokens={self.num_tokens}, d_model={self.d_model}, dtype={self.dtype})"
@@ -565,14 +641,34 @@ def build_activations(cfg: ActivationsConfig, corpus_root: str | Path, model_dir
         torch.set_num_threads(cfg.threads)
     model_dir = Path(model_dir)
     sm = load_subject_model(model_dir, device=str(resolve_device(cfg.device, "activations.device")))
-    if cfg.effective_context_length > sm.model.config.n_positions:
-        raise ValueError(f"'activations.context_length' {cfg.effective_context_length} exceeds the subject model's "
-                         f"{sm.model.config.n_positions} positions")
+    for split in cfg.max_tokens:
+        if cfg.context_for(split) > sm.model.config.n_positions:
+            key = f"context_length_by_split.{split}" if split in cfg.context_length_by_split else "context_length"
+            raise ValueError(f"'activations.{key}' {cfg.context_for(split)} exceeds the subject model's "
+                             f"{sm.model.config.n_positions} positions")
     fingerprint = _model_fingerprint(model_dir)
+    texts = {split: _Texts(load_split(corpus_root, split)) for split in cfg.max_tokens}
+    plans: dict[str, SplitPlan] = {}
+    extras: dict[str, dict[str, Any]] = {}
+    if cfg.max_disk_gb is not None and "train" in cfg.max_tokens:
+        # The other splits first: the train split gets what the budget leaves.
+        for split in cfg.max_tokens:
+            if split != "train":
+                plans[split] = plan_split(sm, texts[split], cfg, cfg.max_tokens[split], split=split)
+        budget = train_budget(cfg, sm.d_model, {s: int(plan.rows.sum()) for s, plan in plans.items()})
+        assert budget is not None
+        plans["train"] = plan_split(sm, texts["train"], cfg, budget["train_max_tokens"], split="train")
+        budget["train_tokens"] = int(plans["train"].rows.sum())
+        budget["planned_bytes"] = budget["other_splits_bytes"] + disk_bytes(budget["train_tokens"], sm.d_model, cfg.dtype)
+        extras["train"] = {"disk_budget": budget}
+        if budget["capped"] and budget["train_tokens"] == budget["train_max_tokens"]:
+            want = "the whole split" if budget["requested_tokens"] is None else f"{budget['requested_tokens']:,} tokens"
+            print(f"[activations] disk budget {cfg.max_disk_gb:g} GB: train split capped at {budget['train_tokens']:,} "
+                  f"tokens (of {want}); training cycles over it", flush=True)
     manifests = {}
     for split in cfg.max_tokens:
-        texts = _Texts(load_split(corpus_root, split))
-        manifests[split] = cache_split(sm, texts, Path(out_root) / split, cfg, split, fingerprint, progress=progress)
+        manifests[split] = cache_split(sm, texts[split], Path(out_root) / split, cfg, split, fingerprint,
+                                       progress=progress, plan=plans.get(split), extra=extras.get(split))
     return manifests
 
 
@@ -590,8 +686,12 @@ def main(argv: list[str] | None = None) -> int:
         manifests = build_activations(cfg, paths.get("corpus", "data/corpus"), paths.get("subject_model", "models/subject"),
                                       paths.get("activations", "data/activations"), progress=not args.no_progress)
     for split, m in manifests.items():
-        print(f"[activations] {split:<8} {m['num_tokens']:>10} tokens × {m['d_model']} ({m['dtype']}), "
-              f"{len(m['shards'])} shards, hook {m['hook']}")
+        print(f"[activations] {split:<10} {m['num_tokens']:>10} tokens × {m['d_model']} ({m['dtype']}), "
+              f"context {m['context_length']}, {len(m['shards'])} shards, hook {m['hook']}")
+    budget = manifests.get("train", {}).get("disk_budget")
+    if budget:
+        print(f"[activations] disk budget {budget['max_disk_gb']:g} GB: the cache takes "
+              f"{budget['planned_bytes'] / GB:.2f} GB")
     return 0
 
 

@@ -10,6 +10,7 @@ import os
 import sys
 
 STAGES = {
+    "doctor": ("moesae.doctor", "preflight: models, datasets (gated access), disk, GPU, run-time estimate"),
     "corpus": ("moesae.corpus", "prepare the training / held-out / cross-domain text"),
     "subject-model": ("moesae.subject_model", "train (default) or fetch (paper) the subject model"),
     "activations": ("moesae.activations", "cache the subject model's activations at the hook"),

@@ -15,7 +15,11 @@ Two sources, same shape ("train on one domain, evaluate zero-shot on another"):
 * ``hf`` (paper profile): OpenWebText (streamed) for train / held-out, Humanity's Last Exam
   Biology/Medicine (question + newline + rationale; a *gated* dataset) for ``cross``,
   OpenWebText2 for ``autointerp``. The held-out split is chosen by a hash of each document, so it
-  does not depend on the streaming order.
+  does not depend on the streaming order. Every dataset is streamed (nothing goes to the HF
+  datasets cache) and opened without running a loading script, which ``datasets`` >= 4 refuses:
+  explicit data files, a local folder, the Hub repository as it is, or, for a script-based one
+  (OpenWebText), the Hub's parquet conversion (``refs/convert/parquet``); see
+  :func:`open_dataset`. The stage prints, and the manifest records, which source each came from.
 """
 from __future__ import annotations
 
@@ -85,6 +89,13 @@ class CorpusConfig:
     autointerp_split: str = "train"
     autointerp_text_field: str = "text"
     max_autointerp_bytes: int = 50_000_000
+    train_data_files: str | list[str] | None = None
+    """hf: explicit data files of the training dataset (local paths or hf:// URLs; parquet, json(l),
+    csv, txt or arrow), read instead of discovering them. Null: discover (see :func:`open_dataset`)."""
+    cross_data_files: str | list[str] | None = None
+    """hf: explicit data files of the cross-domain dataset (null: discover)."""
+    autointerp_data_files: str | list[str] | None = None
+    """hf: explicit data files of the auto-interp dataset (null: discover)."""
 
     def __post_init__(self) -> None:
         if self.source not in {"stdlib", "hf"}:
@@ -101,6 +112,11 @@ class CorpusConfig:
             raise ValueError(f"'max_train_docs' must be positive or null, got {self.max_train_docs!r}")
         if not self.cross_fields:
             raise ValueError("'cross_fields' must name at least one column")
+        for role in ("train", "cross", "autointerp"):
+            files = getattr(self, f"{role}_data_files")
+            if files is not None and not (isinstance(files, str) and files
+                                          or isinstance(files, list) and files and all(isinstance(f, str) for f in files)):
+                raise ValueError(f"'{role}_data_files' must be a path / URL, a non-empty list of them, or null; got {files!r}")
 
 
 # ---- writing and reading splits ----------------------------------------------------------------
@@ -281,27 +297,256 @@ def build_stdlib_corpus(cfg: CorpusConfig) -> tuple[dict[str, tuple[list[str], l
 
 
 # ---- source: HuggingFace datasets (paper profile) ----------------------------------------------
-_OFFLINE_HINT = (
-    "This needs network access to the HuggingFace Hub (unset HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) "
-    "or the dataset already in the local HF cache; offline, use the default profile "
-    "(`moesae profile default`)."
-)
+# `datasets` >= 4 no longer runs dataset loading scripts, and some datasets the paper used are
+# script-based (Skylion007/openwebtext). Every dataset is therefore opened without running a
+# script, from the first of these that applies, and the source used is printed and recorded:
+#   1. explicit data files (corpus.<role>_data_files: local paths or hf:// URLs);
+#   2. a local folder: its data files, or, when it holds a loading script, the parquet files of a
+#      copy of the Hub's conversion laid out under <folder>/refs/convert/parquet/<config>/<split>/;
+#   3. a Hub dataset as it is (parquet / json / csv repositories, e.g. cais/hle);
+#   4. a script-based Hub dataset: the Hub's parquet conversion (revision refs/convert/parquet,
+#      <config>/<split>/*.parquet, or <config>/partial-<split>/ where the Hub converted only the
+#      first ~5 GB of a large dataset), streamed over hf:// (or read from the local HF cache offline).
+CONVERSION_REVISION = "refs/convert/parquet"
+SCRIPT_ERROR = "Dataset scripts are no longer supported"
+_TRUE = {"1", "true", "yes", "on"}
+_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv",
+            ".txt": "text"}
 
 
-def _open_hf(name: str, config: str | None, split: str, streaming: bool, gated: bool = False):
+class DatasetUnavailable(RuntimeError):
+    """A dataset could not be opened; the message names it, why, and the fix."""
+
+
+def hub_offline() -> bool:
+    """True when the HF libraries are kept off the network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def offline_variables() -> list[str]:
+    """The offline variables set in this process's environment, as ``NAME=value``."""
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return [f"{v}={os.environ[v]}" for v in names if os.environ.get(v, "").strip().lower() in _TRUE]
+
+
+def offline_hint() -> str:
+    """What to do when a dataset or model is not available, depending on why."""
+    set_ = offline_variables()
+    if set_:
+        return (f"Offline mode is on ({', '.join(set_)}: set in your environment, or by the Makefile for a profile "
+                "with `offline: true`), so only local files and the local HF cache are read: run with network "
+                "access and those variables unset, copy the HF cache (HF_HOME) from a machine that has it, "
+                "or use the offline default profile (`moesae profile default`).")
+    return ("Check the network connection to https://huggingface.co (or HF_ENDPOINT / proxy settings); "
+            "`moesae doctor` checks every dataset and model of the profile at once. Offline, use the "
+            "default profile (`moesae profile default`).")
+
+
+def _gated_hint(name: str) -> str:
+    return (f" '{name}' is a gated dataset: accept its terms on https://huggingface.co/datasets/{name} "
+            "(logged in), then give this machine your token (`hf auth login`, `huggingface-cli login`, "
+            "or HF_TOKEN=hf_...).")
+
+
+def _format_of(files: list[str]) -> str:
+    kinds = {_FORMATS.get(Path(f.split("?")[0]).suffix.lower()) for f in files}
+    if len(kinds) != 1 or None in kinds:
+        raise DatasetUnavailable(
+            f"data files must all be one of {', '.join(sorted(_FORMATS))}; got {files[:3]}{' ...' if len(files) > 3 else ''}")
+    return kinds.pop()
+
+
+def _load_files(files: list[str], split: str, streaming: bool):
     import datasets
 
+    return datasets.load_dataset(_format_of(files), data_files={split: files}, split=split, streaming=streaming)
+
+
+def has_loading_script(files: Iterable[str]) -> bool:
+    """True when a repository's top-level files include a dataset loading script."""
+    tops = [f for f in files if "/" not in f.strip("/")]
+    return any(f.endswith(".py") for f in tops)
+
+
+def conversion_files(paths: Iterable[str], config: str | None, split: str) -> tuple[str, str, list[str]]:
+    """(config dir, split dir, parquet paths) of ``split`` in a parquet-conversion listing.
+
+    ``paths`` are relative to the conversion's root (``<config>/<split>/NNNN.parquet``). The config
+    is ``config``, else the only one, else ``default``; the split folder is ``<split>`` or
+    ``partial-<split>`` (a partial conversion of a large dataset)."""
+    layout: dict[str, dict[str, list[str]]] = {}
+    for path in paths:
+        parts = path.strip("/").split("/")
+        if len(parts) == 3 and parts[2].endswith(".parquet"):
+            layout.setdefault(parts[0], {}).setdefault(parts[1], []).append(path.strip("/"))
+    if not layout:
+        raise DatasetUnavailable("no parquet files in the <config>/<split>/ layout of a parquet conversion")
+    if config is None:
+        chosen = next(iter(layout)) if len(layout) == 1 else ("default" if "default" in layout else None)
+        if chosen is None:
+            raise DatasetUnavailable(f"the parquet conversion has several configs ({', '.join(sorted(layout))}); "
+                                     "set the profile's config key (e.g. corpus.train_config) to one of them")
+    elif config in layout:
+        chosen = config
+    else:
+        raise DatasetUnavailable(f"the parquet conversion has no config '{config}' (configs: {', '.join(sorted(layout))})")
+    splits = layout[chosen]
+    for folder in (split, f"partial-{split}"):
+        if folder in splits:
+            return chosen, folder, sorted(splits[folder])
+    raise DatasetUnavailable(f"the parquet conversion's config '{chosen}' has no split '{split}' "
+                             f"(folders: {', '.join(sorted(splits))})")
+
+
+def conversion_url(name: str, path: str) -> str:
+    """The hf:// URL of a file of ``name``'s parquet conversion (the revision URL-encoded)."""
+    from urllib.parse import quote
+
+    return f"hf://datasets/{name}@{quote(CONVERSION_REVISION, safe='')}/{path}"
+
+
+def _describe_conversion(config: str, folder: str, files: list[str]) -> str:
+    partial = " (a partial conversion: the Hub converts only the first ~5 GB of a large dataset)" \
+        if folder.startswith("partial-") else ""
+    return f"{config}/{folder}, {len(files)} parquet file{'s' if len(files) != 1 else ''}{partial}"
+
+
+def hub_cache_dir() -> Path:
+    """The HF hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                     "huggingface")
+    return Path(os.environ.get("HF_HUB_CACHE") or Path(home) / "hub")
+
+
+def cached_snapshot(name: str, revision: str | None = None) -> Path | None:
+    """The local HF cache's copy of dataset ``name`` at ``revision`` (None: main), or None."""
+    from huggingface_hub import snapshot_download
+
     try:
-        return datasets.load_dataset(name, config, split=split, streaming=streaming)
-    except Exception as exc:  # the HF stack raises many types; all mean "could not get it"
-        gated_hint = (
-            f" '{name}' is a gated dataset: accept its terms on https://huggingface.co/datasets/{name} "
-            "and log in (`huggingface-cli login` or HF_TOKEN) first." if gated else ""
-        )
-        raise RuntimeError(
-            f"could not load the HuggingFace dataset '{name}' (split '{split}'): {type(exc).__name__}: {exc}."
-            f"{gated_hint} {_OFFLINE_HINT}"
+        path = Path(snapshot_download(name, repo_type="dataset", revision=revision, local_files_only=True,
+                                      cache_dir=str(hub_cache_dir())))
+    except Exception:  # LocalEntryNotFoundError and friends: not cached
+        return None
+    return path if path.is_dir() else None
+
+
+def cached_dataset_source(name: str) -> str | None:
+    """Offline: where the corpus stage would read Hub dataset ``name`` from, or None (not cached)."""
+    main = cached_snapshot(name)
+    if main is not None and not has_loading_script(p.name for p in main.iterdir() if p.is_file()):
+        return f"the local HF cache ({main})"
+    conversion = cached_snapshot(name, CONVERSION_REVISION)
+    if conversion is not None:
+        return f"the local HF cache's copy of its parquet conversion ({conversion})"
+    return None
+
+
+def _conversion_rows(root: Path, config: str | None, split: str, streaming: bool, kind: str):
+    listing = [p.relative_to(root).as_posix() for p in root.rglob("*.parquet")]
+    config_dir, folder, files = conversion_files(listing, config, split)
+    rows = _load_files([str(root / f) for f in files], split, streaming)
+    return rows, {"kind": kind, "revision": CONVERSION_REVISION,
+                  "detail": _describe_conversion(config_dir, folder, files), "files": files}
+
+
+def _hub_conversion(name: str, config: str | None, split: str, streaming: bool):
+    """Rows of ``split`` from the Hub's parquet conversion of ``name``, streamed over hf:// URLs."""
+    from huggingface_hub import HfApi
+
+    tree = HfApi().list_repo_tree(name, repo_type="dataset", revision=CONVERSION_REVISION, recursive=True)
+    listing = [entry.path for entry in tree if entry.path.endswith(".parquet")]
+    config_dir, folder, files = conversion_files(listing, config, split)
+    rows = _load_files([conversion_url(name, f) for f in files], split, streaming)
+    return rows, {"kind": "hub parquet conversion", "revision": CONVERSION_REVISION,
+                  "detail": _describe_conversion(config_dir, folder, files), "files": files}
+
+
+def _offline_hub(name: str, config: str | None, split: str, streaming: bool):
+    """Offline: a Hub dataset from the local HF cache: its snapshot (no loading script), else a cached
+    copy of its parquet conversion, else whatever `datasets` prepared in its own cache before."""
+    import datasets
+
+    main = cached_snapshot(name)
+    if main is not None and not has_loading_script(p.name for p in main.iterdir() if p.is_file()):
+        rows = datasets.load_dataset(str(main), config, split=split, streaming=streaming)
+        return rows, {"kind": "hf cache", "detail": str(main)}
+    conversion = cached_snapshot(name, CONVERSION_REVISION)
+    if conversion is not None:
+        return _conversion_rows(conversion, config, split, streaming, "hf-cache parquet conversion")
+    try:
+        rows = datasets.load_dataset(name, config, split=split, streaming=streaming)
+        return rows, {"kind": "hf datasets cache", "detail": "prepared by an earlier run"}
+    except Exception as exc:
+        script = main is not None
+        raise DatasetUnavailable(
+            f"not in the local HF cache ({hub_cache_dir()})"
+            + (f" (only its loading script, which `datasets` >= 4 no longer runs)" if script else "")
+            + f": {type(exc).__name__}: {exc}. Fetch it once with network access: `hf download {name} --repo-type dataset"
+            + (f" --revision {CONVERSION_REVISION}" if script else "") + "`, or list local copies of its data files in "
+            "the profile (corpus.<role>_data_files)."
         ) from exc
+
+
+def _local_conversion(root: Path, config: str | None, split: str, streaming: bool):
+    base = root / CONVERSION_REVISION
+    if not (base.is_dir() and any(base.rglob("*.parquet"))):
+        raise DatasetUnavailable(
+            f"{root} holds a dataset loading script, which `datasets` >= 4 no longer runs, and no parquet conversion "
+            f"under {base}/<config>/<split>/: put the data files there, or list them in the profile "
+            "(corpus.<role>_data_files)")
+    return _conversion_rows(base, config, split, streaming, "local parquet conversion")
+
+
+def open_dataset(name: str, config: str | None, split: str, *, streaming: bool = True, gated: bool = False,
+                 data_files: str | list[str] | None = None, role: str = "train"):
+    """(rows, source) of one dataset split, without running any loading script.
+
+    ``source`` says where the rows come from (``kind``, ``detail``; recorded in the corpus
+    manifest). Raises :class:`DatasetUnavailable` naming the dataset, the reason and the fix."""
+    import datasets
+
+    where = f"the {role} dataset '{name}' (split '{split}')"
+    try:
+        if data_files:
+            files = [data_files] if isinstance(data_files, str) else list(data_files)
+            return _load_files(files, split, streaming), {
+                "kind": "data files", "detail": f"{len(files)} file{'s' if len(files) != 1 else ''} from "
+                f"corpus.{role}_data_files", "files": files}
+        local = Path(name)
+        if local.is_dir():
+            if has_loading_script(p.name for p in local.iterdir() if p.is_file()):
+                return _local_conversion(local, config, split, streaming)
+            rows = datasets.load_dataset(str(local), config, split=split, streaming=streaming)
+            return rows, {"kind": "local folder", "detail": str(local)}
+        if hub_offline():
+            return _offline_hub(name, config, split, streaming)
+        try:
+            rows = datasets.load_dataset(name, config, split=split, streaming=streaming)
+            return rows, {"kind": "hub", "detail": f"https://huggingface.co/datasets/{name}"}
+        except RuntimeError as exc:
+            if SCRIPT_ERROR not in str(exc):
+                raise
+            print(f"[corpus] {role}: '{name}' is script-based ({exc}); reading the Hub's parquet conversion "
+                  f"({CONVERSION_REVISION}) instead", flush=True)
+        return _hub_conversion(name, config, split, streaming)
+    except DatasetUnavailable as exc:
+        remote = not data_files and not Path(name).is_dir()
+        raise DatasetUnavailable(
+            f"could not load {where}: {exc}" + (f"{_gated_hint(name) if gated else ''} {offline_hint()}" if remote else "")
+        ) from exc
+    except Exception as exc:  # the HF stack raises many types; all mean "could not get it"
+        raise DatasetUnavailable(
+            f"could not load {where}: {type(exc).__name__}: {exc}.{_gated_hint(name) if gated else ''} {offline_hint()}"
+        ) from exc
+
+
+def _open_hf(name: str, config: str | None, split: str, streaming: bool = True, gated: bool = False,
+             data_files: str | list[str] | None = None, role: str = "train"):
+    """:func:`open_dataset`, printing which source was used."""
+    rows, source = open_dataset(name, config, split, streaming=streaming, gated=gated, data_files=data_files,
+                                role=role)
+    print(f"[corpus] {role}: {name} ({split}) from the {source['kind']}: {source['detail']}", flush=True)
+    return rows, source
 
 
 def _is_heldout(text: str, seed: int, fraction: float) -> bool:
@@ -326,7 +571,15 @@ def _take_text(rows: Iterable[dict], field_: str, max_bytes: int, max_docs: int 
 def build_hf_corpus(cfg: CorpusConfig) -> tuple[dict[str, tuple[list[str], list[str]]], dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    stream = _open_hf(cfg.train_dataset, cfg.train_config, cfg.train_split, streaming=True)
+    # Every dataset is opened (streamed: nothing is read yet) before any is consumed, so a missing
+    # or gated one fails at once, not after the training text has streamed.
+    stream, train_source = _open_hf(cfg.train_dataset, cfg.train_config, cfg.train_split, streaming=True,
+                                    data_files=cfg.train_data_files, role="train")
+    rows, cross_source = _open_hf(cfg.cross_dataset, cfg.cross_config, cfg.cross_split, streaming=True, gated=True,
+                                  data_files=cfg.cross_data_files, role="cross")
+    if cfg.autointerp_dataset:
+        auto_rows, auto_source = _open_hf(cfg.autointerp_dataset, cfg.autointerp_config, cfg.autointerp_split,
+                                          streaming=True, data_files=cfg.autointerp_data_files, role="autointerp")
     train, heldout = [], []
     train_bytes = 0
     bar = tqdm(desc="corpus: training domain", unit="B", unit_scale=True, total=cfg.max_train_bytes)
@@ -347,7 +600,6 @@ def build_hf_corpus(cfg: CorpusConfig) -> tuple[dict[str, tuple[list[str], list[
     bar.close()
     if not train or not heldout:
         raise RuntimeError(f"'{cfg.train_dataset}' gave no usable documents in column '{cfg.train_text_field}'")
-    rows = _open_hf(cfg.cross_dataset, cfg.cross_config, cfg.cross_split, streaming=False, gated=True)
     cross = []
     for row in rows:
         if cfg.cross_category is not None and row.get("category") != cfg.cross_category:
@@ -367,18 +619,18 @@ def build_hf_corpus(cfg: CorpusConfig) -> tuple[dict[str, tuple[list[str], list[
         kept.append(text)
         total += len(text.encode("utf-8"))
     if cfg.autointerp_dataset:
-        auto_rows = _open_hf(cfg.autointerp_dataset, cfg.autointerp_config, cfg.autointerp_split, streaming=True)
         autointerp = _take_text(auto_rows, cfg.autointerp_text_field, cfg.max_autointerp_bytes, None, cfg.max_doc_chars)
         auto_name = cfg.autointerp_dataset
     else:
-        autointerp, auto_name = heldout, cfg.train_dataset
+        autointerp, auto_name, auto_source = heldout, cfg.train_dataset, {"kind": "held-out split", "detail": "reused"}
     splits = {
         "train": (train, [cfg.train_dataset] * len(train)),
         "heldout": (heldout, [cfg.train_dataset] * len(heldout)),
         "cross": (kept, [cfg.cross_dataset] * len(kept)),
         "autointerp": (autointerp, [auto_name] * len(autointerp)),
     }
-    record = {"datasets": {"train": cfg.train_dataset, "cross": cfg.cross_dataset, "autointerp": auto_name}}
+    record = {"datasets": {"train": cfg.train_dataset, "cross": cfg.cross_dataset, "autointerp": auto_name},
+              "dataset_sources": {"train": train_source, "cross": cross_source, "autointerp": auto_source}}
     return splits, record
 
 
