@@ -5,8 +5,21 @@ returning a :class:`Finding` (the number, whether the claim holds, and how it wa
 The *same* function computes the paper's number from the paper's reported values
 (:func:`moesae.results.paper_frame`), so the claims table never holds a typed-in number.
 :func:`claims_table` returns one row per claim:
-``{claim, paper_value, our_value, holds, note}`` (+ ``unit``, ``paper_note``, ``source``), with
-``holds`` True / False, or None when this run lacks the configurations to compute it.
+``{claim, paper_value, our_value, spread, seed_values, verdict, holds, note}`` (+ ``unit``,
+``paper_note``, ``source``).
+
+**Judged against the noise.** Each claim is computed on all seeds together (``our_value``, the
+figures' mean over seeds) and on each seed alone (``seed_values``); ``spread`` is the sample
+standard deviation of the per-seed values. The verdict (:data:`VERDICT_RULE`):
+
+- *holds*: the claim holds on every seed and the mean clears the claim's threshold by more than
+  the spread;
+- *does not hold*: it fails on every seed and the mean misses the threshold by more than the spread;
+- *inconclusive*: anything in between: seeds disagree, or the effect is within the seed-to-seed
+  spread (also with a single seed, where no spread can be measured);
+- *not computable*: the run lacks the configurations (the note says what it would take).
+
+``holds`` is True / False for the first two verdicts and None otherwise.
 
 Series are found by configuration (architecture, N, e, Feature Scaling, width), as in the figures;
 when an extension family (another router, a shared expert, batch TopK…, run at one L0) matches the
@@ -34,6 +47,13 @@ SWITCH = {"architecture": "switch"}
 TOPK_FLOP_MATCHED = {"architecture": "topk", "width_fraction": 1 / 32}
 
 
+VERDICT_RULE = (
+    "holds: the claim holds on every seed and the mean clears its threshold by more than the seed-to-seed "
+    "standard deviation; does not hold: it fails on every seed and misses by more than that; inconclusive: "
+    "otherwise (seeds disagree, the effect is within the spread, or only one seed was run)."
+)
+
+
 @dataclass
 class Finding:
     """One claim evaluated on one metrics table."""
@@ -42,6 +62,8 @@ class Finding:
     """The headline number (None: not computable from this table)."""
     holds: bool | None
     note: str
+    threshold: float | None = None
+    """The value the headline number must exceed for the claim to hold."""
 
 
 def _by_k(rows: pd.DataFrame, metric: str) -> pd.Series:
@@ -96,7 +118,7 @@ def mse_reduction_vs_switch(df: pd.DataFrame, split: str = "heldout", scale_conf
     per_k = (1 - scale[ks] / switch[ks]) * 100
     value = float(per_k.mean())
     detail = ", ".join(f"L0 {int(k)}: {v:.1f}%" for k, v in per_k.items())
-    return Finding(value, value > 0, f"mean over L0 ∈ {_fmt_ks(ks)} ({detail}); holds when Scale's MSE is lower on average")
+    return Finding(value, value > 0, f"mean over L0 ∈ {_fmt_ks(ks)} ({detail}); holds when Scale's MSE is lower on average", 0.0)
 
 
 def redundancy_reduction(df: pd.DataFrame, max_l0: int = 4, e_low: int = 1, e_high: int = 8,
@@ -118,7 +140,8 @@ def redundancy_reduction(df: pd.DataFrame, max_l0: int = 4, e_low: int = 1, e_hi
     value = float(per_k.mean())
     detail = ", ".join(f"L0 {int(k)}: {low[k]:.3g} → {high[k]:.3g}" for k in ks)
     return Finding(value, value >= holds_at,
-                   f"N = {int(N)}, τ = {threshold:g}, e = {e_low} → {e_high} ({detail}){nearest}; holds at ≥ {holds_at:g}% less")
+                   f"N = {int(N)}, τ = {threshold:g}, e = {e_low} → {e_high} ({detail}){nearest}; holds at ≥ {holds_at:g}% less",
+                   holds_at)
 
 
 def _spearman(x: pd.Series, y: pd.Series) -> float:
@@ -147,7 +170,8 @@ def omega_grows_with_e(df: pd.DataFrame, holds_at: float = 0.5) -> Finding:
         return Finding(None, None, "not computable: need ω for at least 3 values of e at one L0 (Feature Scaling on)")
     value = float(np.mean(list(rhos.values())))
     detail = ", ".join(f"L0 {int(k)}: {v:.2f}" for k, v in sorted(rhos.items()))
-    return Finding(value, value >= holds_at, f"Spearman ρ(e, mean ω), N = {int(N)} ({detail}); holds at mean ρ ≥ {holds_at:g}")
+    return Finding(value, value >= holds_at, f"Spearman ρ(e, mean ω), N = {int(N)} ({detail}); holds at mean ρ ≥ {holds_at:g}",
+                   holds_at)
 
 
 def topk_ahead_cross_loss_recovered(df: pd.DataFrame, max_l0: int = 4) -> Finding:
@@ -166,7 +190,7 @@ def topk_ahead_cross_loss_recovered(df: pd.DataFrame, max_l0: int = 4) -> Findin
     margin = topk[ks] - best[ks]
     value = float(margin.mean())
     detail = ", ".join(f"L0 {int(k)}: {topk[k]:.3f} vs {best[k]:.3f}" for k in ks)
-    return Finding(value, value > 0, f"TopK minus best Scale ({detail}){nearest}; holds when positive")
+    return Finding(value, value > 0, f"TopK minus best Scale ({detail}){nearest}; holds when positive", 0.0)
 
 
 def feature_scaling_overlap_by_e(df: pd.DataFrame) -> Finding:
@@ -190,7 +214,7 @@ def feature_scaling_overlap_by_e(df: pd.DataFrame) -> Finding:
     value = float(np.mean(multi))
     detail = ", ".join(f"e={e}: {v:+.1f}%" for e, v in sorted(per_e.items()))
     return Finding(value, value > 0 and per_e[1] <= 0,
-                   f"% less overlap with scaling, mean over L0 ({detail}); value = mean over e ≥ 2")
+                   f"% less overlap with scaling, mean over L0 ({detail}); value = mean over e ≥ 2", 0.0)
 
 
 def feature_scaling_mse(df: pd.DataFrame) -> Finding:
@@ -206,7 +230,7 @@ def feature_scaling_mse(df: pd.DataFrame) -> Finding:
     if not gains:
         return Finding(None, None, "not computable: need Scale SAEs with and without Feature Scaling at the same e and L0")
     value = float(np.mean(gains))
-    return Finding(value, value > 0, f"mean over {len(gains)} (e, L0) pairs, N = {int(N)}; holds when positive")
+    return Finding(value, value > 0, f"mean over {len(gains)} (e, L0) pairs, N = {int(N)}; holds when positive", 0.0)
 
 
 @dataclass(frozen=True)
@@ -222,8 +246,8 @@ CLAIMS: list[Claim] = [
           lambda df: mse_reduction_vs_switch(df, "heldout")),
     Claim("…and lower MSE than Switch SAE on the cross-domain set", "%", "Fig 3b",
           lambda df: mse_reduction_vs_switch(df, "cross")),
-    Claim("~99% less feature redundancy at low L0 (e = 8 vs e = 1, no scaling)", "%", "Fig 7",
-          redundancy_reduction),
+    Claim("~99% less feature redundancy at low L0 (e = 8 vs e = 1, no scaling); the revised abstract "
+          "(OpenReview, Feb 2026) no longer states this figure", "%", "Fig 7", redundancy_reduction),
     Claim("Feature Scaling ω grows with the number of active experts e", "ρ", "Fig 2", omega_grows_with_e),
     Claim("TopK is ahead of Scale SAE on cross-domain loss recovered at L0 ≤ 4", "Δ", "Fig 3c",
           topk_ahead_cross_loss_recovered),
@@ -233,13 +257,41 @@ CLAIMS: list[Claim] = [
 ]
 
 
+def verdict(finding: Finding, per_seed: list[Finding]) -> tuple[str, float | None]:
+    """The verdict of one claim and the seed-to-seed spread (see :data:`VERDICT_RULE`)."""
+    if finding.value is None or finding.holds is None:
+        return "not computable", None
+    values = [f.value for f in per_seed if f.value is not None and f.holds is not None]
+    spread = float(np.std(values, ddof=1)) if len(values) >= 2 else None
+    if spread is None:
+        return "inconclusive", None
+    margin = finding.value - finding.threshold if finding.threshold is not None else None
+    every = [f.holds for f in per_seed if f.value is not None and f.holds is not None]
+    if all(every) and finding.holds and (margin is None or margin > spread):
+        return "holds", spread
+    if not any(every) and not finding.holds and (margin is None or -margin > spread):
+        return "does not hold", spread
+    return "inconclusive", spread
+
+
+def _per_seed(metrics: pd.DataFrame, compute: Callable[[pd.DataFrame], Finding]) -> list[tuple[int, Finding]]:
+    if "seed" not in metrics or metrics.empty:
+        return []
+    seeds = sorted(pd.to_numeric(metrics["seed"], errors="coerce").dropna().astype(int).unique())
+    return [(int(s), compute(metrics[pd.to_numeric(metrics["seed"], errors="coerce") == s])) for s in seeds]
+
+
 def claims_table(metrics: pd.DataFrame, paper: pd.DataFrame | None = None) -> list[dict]:
-    """One row per claim: the paper's number (from ``paper``), ours, and whether it holds here."""
+    """One row per claim: the paper's number (from ``paper``), ours (mean ± spread over seeds) and the verdict."""
     rows = []
     for c in CLAIMS:
         ours = c.compute(metrics)
+        per_seed = _per_seed(metrics, c.compute)
+        judged, spread = verdict(ours, [f for _, f in per_seed])
         theirs = c.compute(paper) if paper is not None else Finding(None, None, "")
-        rows.append({"claim": c.claim, "paper_value": theirs.value, "our_value": ours.value, "holds": ours.holds,
+        rows.append({"claim": c.claim, "paper_value": theirs.value, "our_value": ours.value, "spread": spread,
+                     "seed_values": {s: f.value for s, f in per_seed if f.value is not None},
+                     "verdict": judged, "holds": {"holds": True, "does not hold": False}.get(judged),
                      "note": ours.note, "paper_note": theirs.note, "unit": c.unit, "source": c.source})
     return rows
 

@@ -84,19 +84,26 @@ def _meta_table(data: dict[str, Any] | None, missing: str) -> str:
 
 def claims_html(rows: list[dict], profile: str) -> str:
     paper_head = "Paper" if profile == "paper" else PAPER_REFERENCE_LABEL
-    out = [f"<table><tr><th>Claim</th><th>{esc(paper_head)}</th><th>This run ({esc(profile)})</th><th>Holds here?</th><th>How it was computed</th></tr>"]
+    out = [f"<table><tr><th>Claim</th><th>{esc(paper_head)}</th><th>This run ({esc(profile)}): mean ± spread over seeds</th>"
+           "<th>Verdict</th><th>How it was computed</th></tr>"]
+    classes = {"holds": "holds", "does not hold": "fails", "inconclusive": "na", "not computable": "na"}
     for r in rows:
-        holds = r["holds"]
-        verdict = ('<span class="holds">yes</span>' if holds is True else '<span class="fails">no</span>' if holds is False
-                   else '<span class="na">not computable</span>')
+        judged = r.get("verdict") or ("holds" if r["holds"] is True else "does not hold" if r["holds"] is False else "not computable")
+        ours = claims_mod.format_value(r["our_value"], r["unit"])
+        if r.get("spread") is not None:
+            ours += " ± " + claims_mod.format_value(r["spread"], r["unit"]).lstrip("+")
+        seeds = r.get("seed_values") or {}
+        per_seed = ("per seed: " + ", ".join(f"{s}: {claims_mod.format_value(v, r['unit'])}" for s, v in seeds.items())
+                    if len(seeds) > 1 else "one seed" if seeds else "")
         out.append(
             f"<tr><td>{esc(r['claim'])} <span class=\"note\">({esc(r['source'])})</span></td>"
             f"<td class=\"num\" title=\"{esc(r.get('paper_note', ''))}\">{esc(claims_mod.format_value(r['paper_value'], r['unit']))}</td>"
-            f"<td class=\"num\">{esc(claims_mod.format_value(r['our_value'], r['unit']))}</td>"
-            f"<td>{verdict}</td><td class=\"note\">{esc(r['note'])}"
+            f"<td class=\"num\">{esc(ours)}<br><span class=\"note\">{esc(per_seed)}</span></td>"
+            f"<td><span class=\"{classes[judged]}\">{esc(judged)}</span></td><td class=\"note\">{esc(r['note'])}"
             f"<br>paper: {esc(r.get('paper_note', ''))}</td></tr>"
         )
     out.append("</table>")
+    out.append(f'<p class="note">Verdict rule: {esc(claims_mod.VERDICT_RULE)}</p>')
     return "\n".join(out)
 
 
@@ -260,7 +267,7 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
     scale_note = ("" if profile == "paper" else
                   f"<p class=\"note\">This run uses the <b>{esc(profile)}</b> profile: a different subject model and a much "
                   "smaller scale than the paper. The paper's numbers are shown for reference only; whether a claim "
-                  "holds is judged on this run's own numbers (the direction of each effect).</p>")
+                  "each verdict is judged on this run's own numbers (the direction of each effect, against its seed-to-seed spread).</p>")
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
