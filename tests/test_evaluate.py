@@ -56,12 +56,16 @@ class TinySubject:
     def hook_activations(self, tokens, mask):
         return self._block(self.emb[tokens] + self.pos[: tokens.shape[1]], 0)
 
-    def loss_after_hook(self, tokens, mask, resid):
+    def logits_after_hook(self, tokens, mask, resid):
+        """Logits at the positions with a next-token target (row-major), as the evaluate stage asks."""
         self.calls["after_hook"] += 1
         logits = self._block(resid, 1) @ self.emb.T
         valid = mask[:, 1:] & mask[:, :-1]
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1][valid], tokens[:, 1:][valid])
-        return ce
+        return logits[:, :-1][valid]
+
+    def loss_after_hook(self, tokens, mask, resid):
+        valid = mask[:, 1:] & mask[:, :-1]
+        return torch.nn.functional.cross_entropy(self.logits_after_hook(tokens, mask, resid), tokens[:, 1:][valid])
 
     def clean_loss(self, tokens, mask):
         return self.loss_after_hook(tokens, mask, self.hook_activations(tokens, mask))
@@ -332,8 +336,15 @@ def test_collect_tables(stage, capsys):
                 "loss_recovered_mean_cross_std", "ce_clean_cross", "ce_recon_heldout", "ce_zero_cross",
                 "ce_mean_heldout", "dead_fraction", "redundancy_0.7", "redundancy_0.8", "redundancy_0.9",
                 "mean_max_cos", "in_expert_redundancy_0.8", "inter_expert_redundancy_0.8", "omega_mean",
-                "activation_overlap"):
+                "activation_overlap",
+                # the SAEBench core metrics (tests/test_core_metrics.py)
+                "explained_variance_heldout", "explained_variance_cross", "cossim_heldout", "l2_ratio_cross",
+                "relative_reconstruction_bias_heldout", "kl_div_with_sae_cross", "kl_div_with_ablation_heldout",
+                "kl_div_score_heldout", "kl_div_score_cross", "ce_loss_score_heldout", "ce_loss_score_cross",
+                "freq_over_1_percent", "freq_over_10_percent", "log10_density_mean", "log10_density_median"):
         assert col in frame.columns, col
+    assert "feature_density_hist" not in frame.columns and "feature_density_bin_edges" not in frame.columns
+    assert frame["kl_div_score_heldout"].iloc[0] == pytest.approx(1.0, abs=1e-4)  # the exact identity SAE
     dense, moe = frame.iloc[0], frame.iloc[1]
     assert math.isnan(dense["num_experts"]) and math.isnan(dense["in_expert_redundancy_0.8"])
     assert moe["num_experts"] == 4 and moe["active_experts"] == 2

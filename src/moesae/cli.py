@@ -18,6 +18,7 @@ STAGES = {
     "train": ("moesae.training.stage", "train a grid family (or named variants) in one pass"),
     "evaluate": ("moesae.evaluate", "evaluate one trained SAE on held-out data"),
     "collect": ("moesae.collect", "collect every evaluation into results/ tables and DVC metrics"),
+    "export": ("moesae.export", "export a trained SAE for SAELens (or as plain safetensors)"),
     "autointerp": ("moesae.autointerp", "explain-and-score features (Fig 3d)"),
     "synthetic": ("moesae.synthetic", "ground-truth feature-recovery benchmark"),
     "figure": ("moesae.notebooks", "execute one figure notebook (papermill) and export its HTML"),

@@ -33,7 +33,7 @@ SPLIT_COLUMNS = [
     "mse", "fvu", "l0", "loss_recovered_zero", "loss_recovered_zero_{}_std", "loss_recovered_mean",
     "loss_recovered_mean_{}_std", "ce_clean", "ce_recon", "ce_zero", "ce_mean",
 ]
-ARRAY_KEYS = ("omega", "expert_usage", "specialisation_cdf")
+ARRAY_KEYS = ("omega", "expert_usage", "specialisation_cdf", "feature_density_hist", "feature_density_bin_edges")
 
 # DVC views: families summarised in metrics.json and drawn in results/plots (Fig 3's series; a
 # profile that lacks one leaves its entries out / its column empty).

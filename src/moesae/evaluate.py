@@ -18,6 +18,14 @@ What is measured, and on what:
   domain's *held-out* cache (the tokens of the reconstruction pass), for both domains. The BOS
   position is left clean (``splice_bos: false``): its residual is an outlier the SAE is not asked
   to reconstruct. Mean and sample standard deviation over batches.
+- **SAEBench core metrics** (``sae_bench/evals/core``), beside the paper's: on the reconstruction
+  pass, explained variance (1 − FVU, centred on the mean), ``cossim`` (mean cos(x, x̂)), ``l2_ratio``
+  (mean ‖x̂‖/‖x‖) and the relative reconstruction bias Σ‖x̂‖² / Σ x·x̂, per split; from the
+  loss-recovered pass's own forward passes (no extra run of the subject model), KL(clean ‖ SAE),
+  KL(clean ‖ zero ablation), ``kl_div_score`` and ``ce_loss_score``; on the held-out tokens, the
+  feature density: a histogram of log10 density (``feature_density_hist`` over the fixed
+  ``feature_density_bin_edges``), ``freq_over_1_percent`` / ``freq_over_10_percent`` and the mean /
+  median log10 density of the latents that fire.
 - **Redundancy**: decoder rows; fraction with max cosine to another row above τ, mean max cosine;
   in-expert redundancy and the random-subset inter-expert baseline (MoE SAEs only).
 - **Experts**: usage = share of (token, selected expert) assignments per expert on the held-out
@@ -40,7 +48,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -52,6 +60,8 @@ from .io import atomic_write_json
 from .params import ParamsError, load_params, require, section_to
 
 RESULTS_DIR = Path("results")
+CORE_RECONSTRUCTION_KEYS = ("explained_variance", "cossim", "l2_ratio", "relative_reconstruction_bias")
+"""SAEBench core metrics of the reconstruction pass, one column per split (``cossim_heldout``...)."""
 EVAL_SUBDIR = "eval"
 SPLITS = ("heldout", "cross")
 
@@ -126,6 +136,7 @@ class SubjectModelLike(Protocol):
     def hook_activations(self, tokens: Tensor, mask: Tensor) -> Tensor: ...
     def loss_after_hook(self, tokens: Tensor, mask: Tensor, resid: Tensor) -> Tensor: ...
     def clean_loss(self, tokens: Tensor, mask: Tensor) -> Tensor: ...
+    # optional: ``logits_after_hook(tokens, mask, resid) -> [n, V]`` (see logits_after_hook_fn) for KL
 
 
 class ActivationReaderLike(Protocol):
@@ -226,6 +237,7 @@ def reconstruction_pass(sae, reader: ActivationReaderLike, cfg: EvaluateConfig, 
             "re-run `moesae activations` or retrain the SAE on this subject model"
         )
     sse, sum_sq, n, l0_sum = 0.0, 0.0, 0, 0.0
+    cos_sum, l2_ratio_sum, xhat_sq, x_dot_xhat = 0.0, 0.0, 0.0, 0.0  # the SAEBench core sums
     sum_x = torch.zeros(d, dtype=torch.float64)
     fire = torch.zeros(M, dtype=torch.long)
     num_experts = sae.cfg.num_experts if _is_moe(sae) else 0
@@ -238,6 +250,11 @@ def reconstruction_pass(sae, reader: ActivationReaderLike, cfg: EvaluateConfig, 
         _check_finite("reconstruction", out.x_hat, split)
         x64, err = x.double(), (x - out.x_hat).double()
         sse += float(err.pow(2).sum())
+        x_hat64 = out.x_hat.double()
+        cos_sum += float(mt.token_cosine_similarity(x64, x_hat64).sum())
+        l2_ratio_sum += float(mt.token_l2_ratio(x64, x_hat64).sum())
+        xhat_sq += float(x_hat64.pow(2).sum())
+        x_dot_xhat += float((x64 * x_hat64).sum())
         sum_sq += float(x64.pow(2).sum())
         sum_x += x64.sum(0).cpu()
         n += x.shape[0]
@@ -256,6 +273,10 @@ def reconstruction_pass(sae, reader: ActivationReaderLike, cfg: EvaluateConfig, 
     return {
         "mse": sse / n,
         "fvu": mt.fvu_from_sums(sse, sum_x, sum_sq, n),
+        "explained_variance": mt.explained_variance_from_sums(sse, sum_x, sum_sq, n),
+        "cossim": cos_sum / n,
+        "l2_ratio": l2_ratio_sum / n,
+        "relative_reconstruction_bias": mt.relative_reconstruction_bias_from_sums(xhat_sq, x_dot_xhat),
         "l0": l0_sum / n,
         "num_tokens": n,
         "fire_counts": fire,
@@ -268,15 +289,31 @@ def _non_empty(texts: Iterable[str]) -> list[str]:
     return [t for t in texts if isinstance(t, str) and t.strip()]
 
 
+def logits_after_hook_fn(subject) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """The subject model's ``logits_after_hook(tokens, mask, resid) → logits [n, V]`` (the logits
+    when the hook's residual is ``resid``, at the positions with a next-token target,
+    ``mask[:, 1:] & mask[:, :-1]``, row-major), or None when it has none: then only the
+    cross-entropies are measured and the KL columns are NaN."""
+    own = getattr(subject, "logits_after_hook", None)
+    return own if callable(own) else None
+
+
 @torch.no_grad()
 def loss_recovered_pass(sae, subject: SubjectModelLike, texts: Sequence[str], mean_activation: Tensor,
                         cfg: EvaluateConfig, split: str, progress: bool = False) -> dict[str, float]:
-    """Loss recovered with zero and mean ablation over ``loss_batches`` batches of documents."""
+    """Loss recovered with zero and mean ablation over ``loss_batches`` batches of documents, and
+    from the same forward passes the SAEBench scores: KL(clean ‖ spliced) with the SAE and with
+    zero ablation, ``kl_div_score`` and ``ce_loss_score`` (token averages over the positions whose
+    residual was replaced, so BOS is left out unless ``splice_bos``, as SAEBench skips special
+    tokens). Per batch: the clean run and the three splices after the hook, nothing more."""
     device = next(sae.parameters()).device
     docs = _non_empty(texts)[: cfg.loss_batches * cfg.loss_batch_sequences]
     if not docs:
         raise ValueError(f"the '{split}' corpus split has no non-empty text for loss recovered; re-run `moesae corpus`")
     per_batch: dict[str, list[float]] = {key: [] for key in ("clean", "recon", "zero", "mean", "lr_zero", "lr_mean")}
+    sums = {key: 0.0 for key in ("ce_clean", "ce_recon", "ce_zero", "kl_recon", "kl_zero")}
+    scored = 0  # positions entering the SAEBench token averages
+    logits_fn = logits_after_hook_fn(subject)
     batches = [docs[i : i + cfg.loss_batch_sequences] for i in range(0, len(docs), cfg.loss_batch_sequences)]
     for batch in tqdm(batches, disable=not progress, desc=f"loss {split}", unit="batch"):
         tokens, mask = subject.encode_texts(batch)
@@ -295,28 +332,68 @@ def loss_recovered_pass(sae, subject: SubjectModelLike, texts: Sequence[str], me
             out[replace] = values.to(device=resid.device, dtype=resid.dtype)
             return out
 
-        ce_clean = float(subject.clean_loss(tokens, mask))
-        ce_recon = float(subject.loss_after_hook(tokens, mask, spliced(x_hat)))
-        ce_zero = float(subject.loss_after_hook(tokens, mask, spliced(torch.zeros_like(x))))
-        ce_mean = float(subject.loss_after_hook(tokens, mask, spliced(mean_activation.to(x).expand_as(x))))
-        for key, value in (("clean", ce_clean), ("recon", ce_recon), ("zero", ce_zero), ("mean", ce_mean)):
-            per_batch[key].append(value)
-        per_batch["lr_zero"].append(mt.loss_recovered(ce_clean, ce_recon, ce_zero))
-        per_batch["lr_mean"].append(mt.loss_recovered(ce_clean, ce_recon, ce_mean))
+        variants = {"recon": spliced(x_hat), "zero": spliced(torch.zeros_like(x)),
+                    "mean": spliced(mean_activation.to(x).expand_as(x))}
+        if logits_fn is None:
+            ce = {"clean": float(subject.clean_loss(tokens, mask))}
+            ce.update({key: float(subject.loss_after_hook(tokens, mask, r)) for key, r in variants.items()})
+        else:
+            mask_d = mask.bool()
+            valid = mask_d[:, 1:] & mask_d[:, :-1]
+            if not bool(valid.any()):
+                continue
+            targets = tokens[:, 1:][valid]
+            spliced_pos = replace.to(valid.device)[:, :-1][valid]  # the residual at the predicting position was replaced
+            clean_logits = logits_fn(tokens, mask, resid)
+            targets = targets.to(clean_logits.device)
+            log_p = torch.log_softmax(clean_logits, dim=-1)
+            p_clean = log_p.exp()
+            neg_entropy = (p_clean * log_p).sum(-1)
+            token_ce = {"clean": torch.nn.functional.nll_loss(log_p, targets, reduction="none")}
+            kl: dict[str, Tensor] = {}
+            for key, r in variants.items():
+                log_q = torch.log_softmax(logits_fn(tokens, mask, r), dim=-1)  # cross-entropy = its NLL
+                token_ce[key] = torch.nn.functional.nll_loss(log_q, targets, reduction="none")
+                if key in ("recon", "zero"):
+                    kl[key] = mt.kl_from_log_probs(log_p, log_q, p_clean, neg_entropy)
+                del log_q
+            del clean_logits, log_p, p_clean, neg_entropy
+            ce = {key: float(v.double().mean()) for key, v in token_ce.items()}
+            keep = spliced_pos.to(targets.device)
+            scored += int(keep.sum())
+            for key in ("clean", "recon", "zero"):
+                sums[f"ce_{key}"] += float(token_ce[key][keep].double().sum())
+            sums["kl_recon"] += float(kl["recon"][keep].sum())
+            sums["kl_zero"] += float(kl["zero"][keep].sum())
+        for key in ("clean", "recon", "zero", "mean"):
+            per_batch[key].append(ce[key])
+        per_batch["lr_zero"].append(mt.loss_recovered(ce["clean"], ce["recon"], ce["zero"]))
+        per_batch["lr_mean"].append(mt.loss_recovered(ce["clean"], ce["recon"], ce["mean"]))
     if not per_batch["clean"]:
         raise ValueError(f"no token of the '{split}' loss batches could be replaced (all padding or BOS)")
     lr_zero, lr_zero_std = mt.mean_and_std(per_batch["lr_zero"])
     lr_mean, lr_mean_std = mt.mean_and_std(per_batch["lr_mean"])
+    ce_clean, ce_recon, ce_zero, ce_mean = (mt.mean_and_std(per_batch[k])[0] for k in ("clean", "recon", "zero", "mean"))
+    if scored:
+        kl_sae, kl_zero = sums["kl_recon"] / scored, sums["kl_zero"] / scored
+        ce_score = mt.ce_loss_score(sums["ce_clean"] / scored, sums["ce_recon"] / scored, sums["ce_zero"] / scored)
+    else:  # no logits from this subject model: KL unmeasured, the CE score from the batch means
+        kl_sae = kl_zero = math.nan
+        ce_score = mt.ce_loss_score(ce_clean, ce_recon, ce_zero)
     return {
         "loss_recovered_zero": lr_zero,
         f"loss_recovered_zero_{split}_std": lr_zero_std,
         "loss_recovered_mean": lr_mean,
         f"loss_recovered_mean_{split}_std": lr_mean_std,
-        "ce_clean": mt.mean_and_std(per_batch["clean"])[0],
-        "ce_recon": mt.mean_and_std(per_batch["recon"])[0],
-        "ce_zero": mt.mean_and_std(per_batch["zero"])[0],
-        "ce_mean": mt.mean_and_std(per_batch["mean"])[0],
+        "ce_clean": ce_clean,
+        "ce_recon": ce_recon,
+        "ce_zero": ce_zero,
+        "ce_mean": ce_mean,
         "loss_batches": len(per_batch["clean"]),
+        "kl_div_with_sae": kl_sae,
+        "kl_div_with_ablation": kl_zero,
+        "kl_div_score": mt.kl_div_score(kl_sae, kl_zero) if math.isfinite(kl_zero) else math.nan,
+        "ce_loss_score": ce_score,
     }
 
 
@@ -380,7 +457,9 @@ def evaluate_sae(sae, subject: SubjectModelLike, heldout_reader: ActivationReade
                  texts_by_split: dict[str, Sequence[str]], cfg: EvaluateConfig, train_log: dict | None = None,
                  progress: bool = False) -> dict[str, Any]:
     """Every metric for one SAE: a flat dict of scalars plus the arrays ``omega``,
-    ``expert_usage`` and ``specialisation_cdf`` (lists; empty for dense SAEs)."""
+    ``expert_usage`` and ``specialisation_cdf`` (lists; empty for dense SAEs) and
+    ``feature_density_hist`` / ``feature_density_bin_edges`` (log10 density of the latents that
+    fire on the held-out tokens; the dead ones are ``dead_fraction``)."""
     sae.eval()
     start = time.perf_counter()
     result: dict[str, Any] = _identity(sae)
@@ -395,12 +474,18 @@ def evaluate_sae(sae, subject: SubjectModelLike, heldout_reader: ActivationReade
         p = passes[split]
         result.update({f"mse_{split}": p["mse"], f"fvu_{split}": p["fvu"], f"l0_{split}": p["l0"],
                        f"num_tokens_{split}": p["num_tokens"]})
+        result.update({f"{key}_{split}": p[key] for key in CORE_RECONSTRUCTION_KEYS})
         if split not in texts_by_split:
             raise ValueError(f"no '{split}' texts given for loss recovered (texts_by_split has {sorted(texts_by_split)})")
         lr = loss_recovered_pass(sae, subject, texts_by_split[split], mean_activation, cfg, split, progress)
         for key, value in lr.items():
             result[key if key.endswith("_std") else f"{key}_{split}"] = value
     result["dead_fraction"] = mt.dead_fraction(passes["heldout"]["fire_counts"])
+    density = mt.feature_density(passes["heldout"]["fire_counts"], passes["heldout"]["num_tokens"])
+    result.update(mt.density_summary(density))
+    counts, edges, _ = mt.log10_density_histogram(density)
+    result["feature_density_hist"] = counts.tolist()
+    result["feature_density_bin_edges"] = edges.tolist()
 
     result.update(mt.decoder_redundancy(sae.W_dec, cfg.redundancy_thresholds))
     tau = cfg.expert_redundancy_threshold
@@ -512,6 +597,30 @@ def run_evaluation(variant: str, params_path: str | Path = "params.yaml", result
     return write_json_atomic(eval_path(variant, family, results_dir), result)
 
 
+EXTERNAL_SUBDIR = "external"
+
+
+def run_external_evaluation(sae_dir: str | Path, params_path: str | Path = "params.yaml", out: str | Path | None = None,
+                            results_dir: str | Path = RESULTS_DIR, progress: bool = True) -> Path:
+    """Evaluate the SAE in ``sae_dir`` (a moesae checkpoint, an SAELens folder or a plain export)
+    on this pipeline's held-out data; writes ``<results_dir>/external/<folder name>.json`` (or
+    ``out``), outside ``results/eval`` so that the grid's stages and tables are not touched."""
+    from .saes import load_sae
+
+    params = load_params(params_path)
+    cfg = section_to(EvaluateConfig, params.get("evaluate"), "evaluate")
+    device = cfg.torch_device()
+    sae = load_sae(sae_dir).to(device)
+    shared = load_shared_inputs(params, device)
+    readers, texts = shared["readers"], shared["texts"]
+    result = evaluate_sae(sae, shared["subject"], readers["heldout"], readers["cross"], texts, cfg, {}, progress)
+    name = Path(sae_dir).resolve().name
+    source = getattr(sae, "imported_from", {}).get("format", "moesae")
+    result = {"variant": name, "family": EXTERNAL_SUBDIR, "sae_dir": str(sae_dir), "checkpoint_format": source, **result}
+    path = Path(out) if out is not None else Path(results_dir) / EXTERNAL_SUBDIR / f"{name}.json"
+    return write_json_atomic(path, result)
+
+
 # ---- CLI --------------------------------------------------------------------------------------
 def _timing(stage: str):
     from .timing import record
@@ -524,9 +633,19 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--family", help="evaluate every variant of this grid family (one DVC stage per family)")
     group.add_argument("--variant", action="append", help="variant name from params.yaml (repeatable)")
+    group.add_argument("--sae-dir", help="evaluate the SAE in this folder (moesae, SAELens or plain export) on this "
+                                         "pipeline's held-out data; writes results/external/<folder>.json")
+    parser.add_argument("--out", help="with --sae-dir: the JSON file to write instead")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.out is not None and args.sae_dir is None:
+        parser.error("--out goes with --sae-dir")
+    if args.sae_dir is not None:
+        # no timing file: results/timings is the pipeline's run time (the report sums it)
+        path = run_external_evaluation(args.sae_dir, args.params, args.out, progress=not args.no_progress)
+        print(f"[evaluate] {args.sae_dir}: wrote {path}")
+        return 0
     from .grid import family_variants
 
     params = load_params(args.params)

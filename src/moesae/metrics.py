@@ -97,6 +97,151 @@ def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
+# ---- the SAEBench core metrics (sae_bench/evals/core/main.py) --------------------------------
+# Pure functions of tensors; the evaluate stage streams its held-out tokens through them. Where a
+# metric is a ratio of averages, a ``*_from_sums`` form takes the running sums.
+
+
+def explained_variance_from_sums(sum_squared_error: float, sum_x: Tensor, sum_squared_norm: float, num_tokens: int) -> float:
+    """1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²: the corrected (mean-centred) explained variance, = 1 − FVU.
+
+    SAEBench's ``explained_variance`` means this (its ``explained_variance_legacy`` divides per
+    token, and v0.6's code squares the per-dimension mean of x² where it means ‖x̄‖²)."""
+    value = fvu_from_sums(sum_squared_error, sum_x, sum_squared_norm, num_tokens)
+    return math.nan if math.isnan(value) else 1.0 - value
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> float:
+    """1 − Σ‖x − x̂‖² / Σ‖x − x̄‖² over the tokens of ``x`` ``[tokens, d]``."""
+    value = fvu(x, x_hat)
+    return math.nan if math.isnan(value) else 1.0 - value
+
+
+def token_cosine_similarity(x: Tensor, x_hat: Tensor, eps: float = 1e-12) -> Tensor:
+    """``[tokens]``: cos(x, x̂) per token (SAEBench ``cossim`` is its mean); 0 where either is 0."""
+    _same_shape(x, x_hat)
+    x64, y64 = x.double(), x_hat.double()
+    denominator = (x64.norm(dim=-1) * y64.norm(dim=-1)).clamp_min(eps)
+    return (x64 * y64).sum(-1) / denominator
+
+
+def cosine_similarity(x: Tensor, x_hat: Tensor) -> float:
+    """Mean over tokens of cos(x, x̂)."""
+    return float(token_cosine_similarity(x, x_hat).mean())
+
+
+def token_l2_ratio(x: Tensor, x_hat: Tensor) -> Tensor:
+    """``[tokens]``: ‖x̂‖ / ‖x‖ per token (shrinkage below 1). As SAEBench, a token with
+    ‖x‖ < 1e-4 is divided by 1 instead."""
+    _same_shape(x, x_hat)
+    norm_in = x.double().norm(dim=-1)
+    norm_in = torch.where(norm_in.abs() < 1e-4, torch.ones_like(norm_in), norm_in)
+    return x_hat.double().norm(dim=-1) / norm_in
+
+
+def l2_ratio(x: Tensor, x_hat: Tensor) -> float:
+    """Mean over tokens of ‖x̂‖ / ‖x‖ (SAEBench ``l2_ratio``)."""
+    return float(token_l2_ratio(x, x_hat).mean())
+
+
+def relative_reconstruction_bias_from_sums(sum_xhat_squared: float, sum_x_dot_xhat: float) -> float:
+    """γ = Σ‖x̂‖² / Σ x·x̂: the γ minimising Σ‖x̂/γ − x‖² (Gated SAE paper, eq. 10; SAEBench
+    ``relative_reconstruction_bias``). γ < 1: the reconstruction is shrunk; 1: unbiased. NaN when
+    Σ x·x̂ = 0."""
+    if sum_x_dot_xhat == 0 or not math.isfinite(sum_x_dot_xhat):
+        return math.nan
+    return float(sum_xhat_squared) / float(sum_x_dot_xhat)
+
+
+def relative_reconstruction_bias(x: Tensor, x_hat: Tensor) -> float:
+    """Σ‖x̂‖² / Σ x·x̂ over the tokens (see :func:`relative_reconstruction_bias_from_sums`)."""
+    _same_shape(x, x_hat)
+    x64, y64 = x.double(), x_hat.double()
+    return relative_reconstruction_bias_from_sums(float(y64.pow(2).sum()), float((x64 * y64).sum()))
+
+
+def kl_divergence(logits_clean: Tensor, logits_other: Tensor) -> Tensor:
+    """``[positions]``: KL(P_clean ‖ P_other) = Σ_v p_clean (log p_clean − log p_other) of the
+    next-token distributions (softmax over the last dim), from log-softmax (no log 0)."""
+    _same_shape(logits_clean, logits_other)
+    log_p = torch.log_softmax(logits_clean.double(), dim=-1)
+    log_q = torch.log_softmax(logits_other.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def kl_from_log_probs(log_p: Tensor, log_q: Tensor, p: Tensor | None = None, neg_entropy: Tensor | None = None) -> Tensor:
+    """``[positions]``: :func:`kl_divergence` from log-probabilities (``log_softmax`` of each
+    logits), as Σ p log p − Σ p log q. ``p`` = exp(log_p) and ``neg_entropy`` = Σ p log p may be
+    given when one clean distribution is compared with several (the evaluate stage's splices); the
+    per-position sums are combined in float64."""
+    _same_shape(log_p, log_q)
+    p = log_p.exp() if p is None else p
+    if neg_entropy is None:
+        neg_entropy = (p * log_p).sum(-1)
+    return neg_entropy.double() - (p * log_q).sum(-1).double()
+
+
+def kl_div_score(kl_with_sae: float, kl_with_ablation: float) -> float:
+    """(KL_ablation − KL_sae) / KL_ablation: 1 = the spliced model's predictions are the clean
+    ones, 0 = as far off as zero ablation (SAEBench ``kl_div_score``). NaN when ablation changes
+    nothing."""
+    if kl_with_ablation == 0 or not math.isfinite(kl_with_ablation):
+        return math.nan
+    return (float(kl_with_ablation) - float(kl_with_sae)) / float(kl_with_ablation)
+
+
+def ce_loss_score(ce_clean: float, ce_with_sae: float, ce_with_ablation: float) -> float:
+    """(CE_ablation − CE_sae) / (CE_ablation − CE_clean) (SAEBench ``ce_loss_score``): the loss
+    recovered formula, applied to token-averaged losses."""
+    return loss_recovered(ce_clean, ce_with_sae, ce_with_ablation)
+
+
+def feature_density(fire_counts: Tensor, num_tokens: int) -> Tensor:
+    """``[M]`` float64: the share of tokens on which each latent fired."""
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    return fire_counts.double() / num_tokens
+
+
+DENSITY_BIN_EDGES = tuple(-8.0 + 0.25 * i for i in range(33))
+"""log10 density bin edges, −8 … 0 in steps of 0.25 (fixed, so histograms compare across SAEs)."""
+
+
+def log10_density_histogram(density: Tensor, edges: Sequence[float] = DENSITY_BIN_EDGES) -> tuple[Tensor, Tensor, int]:
+    """(counts ``[len(edges) − 1]`` int64, edges, dead) of log10 density over the latents that fire.
+
+    Bin i holds edges[i] ≤ log10 ρ < edges[i + 1], the last bin also its right edge; densities
+    below the first edge fall in the first bin. Latents that never fire (ρ = 0, log10 = −∞) are
+    not in the histogram: ``dead`` counts them."""
+    edges_t = torch.tensor([float(e) for e in edges], dtype=torch.float64)
+    if edges_t.numel() < 2 or not bool((edges_t[1:] > edges_t[:-1]).all()):
+        raise ValueError("edges must be at least two increasing values")
+    alive = density[density > 0].double()
+    logs = alive.log10().clamp(min=float(edges_t[0]), max=float(edges_t[-1]))
+    bins = (torch.bucketize(logs, edges_t, right=True) - 1).clamp(0, edges_t.numel() - 2)
+    counts = torch.bincount(bins, minlength=edges_t.numel() - 1)
+    return counts, edges_t, int((density <= 0).sum())
+
+
+def density_summary(density: Tensor) -> dict[str, float]:
+    """SAEBench's density scalars: ``freq_over_1_percent`` / ``freq_over_10_percent`` (share of
+    latents firing on more than 1 % / 10 % of tokens), and the mean and median log10 density of
+    the latents that fire (NaN when none does)."""
+    if density.numel() == 0:
+        return {"freq_over_1_percent": math.nan, "freq_over_10_percent": math.nan,
+                "log10_density_mean": math.nan, "log10_density_median": math.nan}
+    d = density.double()
+    alive = d[d > 0]
+    logs = alive.log10()
+    return {
+        "freq_over_1_percent": float((d > 0.01).double().mean()),
+        "freq_over_10_percent": float((d > 0.1).double().mean()),
+        "log10_density_mean": float(logs.mean()) if logs.numel() else math.nan,
+        # the lower median for an even count, as torch.median
+        "log10_density_median": float(logs.median()) if logs.numel() else math.nan,
+    }
+
+
 # ---- decoder redundancy -----------------------------------------------------------------------
 
 

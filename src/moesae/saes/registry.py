@@ -6,6 +6,7 @@ subclass decorated with ``@register("<name>")``, and import it in ``saes/__init_
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,11 @@ def build_sae(architecture: str, **config: Any) -> SAE:
 
 
 def load_sae(path: str | Path) -> SAE:
-    """Load an SAE saved with ``save(path)`` (``cfg.json`` + ``sae_weights.safetensors``)."""
+    """Load an SAE saved with ``save(path)`` (``cfg.json`` + ``sae_weights.safetensors``).
+
+    An SAELens folder (its ``cfg.json`` has ``d_sae``) or a plain export (``moesae export
+    --format safetensors``) is converted to the equivalent SAE (:mod:`moesae.interop`).
+    """
     path = Path(path)
     cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     for p in (cfg_path, weights_path):
@@ -130,6 +135,12 @@ def load_sae(path: str | Path) -> SAE:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"corrupt SAE config {cfg_path}: {exc}; delete the folder and retrain") from exc
+    # SAELens and plain-export folders. Imported by name on purpose: the converters are not part of
+    # any architecture's training code, so they stay out of the training fingerprints and the
+    # stages' import closures (moesae.training.fingerprint.package_imports reads import statements).
+    foreign = importlib.import_module("moesae.interop").load_foreign(path, cfg)
+    if foreign is not None:
+        return foreign
     architecture = cfg.pop("architecture")
     sae = build_sae(architecture, **cfg)
     try:
