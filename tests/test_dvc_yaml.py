@@ -158,7 +158,7 @@ def test_dvc_repro_reruns_exactly_what_a_params_edit_affects(tmp_path):
     params["grid"]["families"]["switch_n32"]["num_experts"] = 16
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = _dvc(["status", "collect", "--with-deps", "--json"], project, env)
-    assert sorted(json.loads(status)) == ["collect", "evaluate@switch_n32", "train@switch_n32"]
+    assert sorted(json.loads(status)) == ["collect", "doctor", "evaluate@switch_n32", "train@switch_n32"]
     out = _dvc(["repro", "collect"], project, env)
     assert "Running stage 'train@switch_n32'" in out and "Running stage 'train@topk_m8th'" not in out
     assert "Stage 'train@topk_m8th' didn't change" in out
