@@ -19,7 +19,7 @@ export MPLBACKEND := Agg
 # sources always come first, for the stages, the tests and the notebook kernels alike.
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: env reproduce test test-fast benchmark gpu-check clean-results
+.PHONY: env reproduce test test-fast benchmark gpu-check clean-results lab
 
 env:
 	@bash scripts/ensure_env.sh
@@ -42,3 +42,15 @@ benchmark: env
 ## paper profile's pipeline at reduced size on a random GPT-2 small, offline, in <= 8 minutes
 gpu-check: env
 	$(VENV_BIN)/python benchmarks/gpu_check.py
+
+## make lab: JupyterLab on notebooks/, the moesae kernel by default, nothing fetched from the network
+## (news, update checks and the extension manager's index off); `make lab LAB_BROWSER=False` opens
+## no browser (the URL with its token is printed). The stage variables above apply to the kernels.
+## As root (containers, CI) it adds --allow-root, which Jupyter otherwise refuses to start without.
+LAB_BROWSER ?= True
+lab: env
+	$(VENV_BIN)/jupyter lab --ServerApp.root_dir=notebooks --ServerApp.open_browser=$(LAB_BROWSER) \
+	    $(if $(filter 0,$(shell id -u)),--ServerApp.allow_root=True) \
+	    --MappingKernelManager.default_kernel_name=moesae \
+	    --LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate \
+	    --LabApp.extension_manager=readonly
