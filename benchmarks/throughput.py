@@ -16,6 +16,12 @@ backward → clip → project decoder gradients → Adam step → dead-latent st
   ``z @ W_dec`` over the full ``[batch, M]`` code (the public TopK SAE design).
 
 On CPU every case runs in its own forked process so its peak resident memory is its own.
+
+``--families``: the default profile's grid families at the default size instead (d = 64,
+M = 2048, k in {2, 8, 32}, batch 1024), each family's variants trained together by the real
+trainer (``train_saes``) exactly as the train stage does: per variant tokens/s of its own steps,
+per family the wall time per SAE-step. ``--workers``/``--threads`` choose the configuration;
+against an older checkout (``PYTHONPATH=<old>/src``) it times that code (see README).
 """
 from __future__ import annotations
 
@@ -325,6 +331,117 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def default_profile_params() -> dict[str, Any]:
+    from moesae.profiles import resolve_profile
+
+    return resolve_profile("default")
+
+
+def family_batches(args: argparse.Namespace, d_in: int):
+    """``batch_at`` for the family benchmark: the real activation cache when ``--activations``
+    names one (read as the train stage reads it), else seeded Gaussian activations."""
+    from moesae.training import tensor_batches
+
+    if args.activations:
+        from moesae.activations import ActivationReader
+
+        reader = ActivationReader(args.activations)
+        if reader.d_model != d_in:
+            raise SystemExit(f"--activations: the cache has d={reader.d_model}, the default profile d={d_in}")
+        return reader.batch_fn(args.batch_size, seed=0), f"activation cache {args.activations}"
+    g = torch.Generator().manual_seed(0)
+    mixing = torch.randn(d_in, d_in, generator=g) / d_in**0.5
+    data = (torch.randn(args.batch_size * 16, d_in, generator=g) @ mixing) * 3 + torch.randn(d_in, generator=g)
+    return tensor_batches(data, args.batch_size, seed=0), "synthetic Gaussian (16 batches)"
+
+
+def time_family(family: str, names: list[str], variants: dict[str, dict], args: argparse.Namespace, d_in: int) -> dict[str, Any]:
+    """Train one family's variants together for ``--steps`` steps; per-variant and per-family rows."""
+    import inspect
+
+    from moesae.grid import build_variant
+    from moesae.training import TrainConfig, TrainingRun, train_saes
+
+    # the pipeline's dead-latent rule (a fraction of the training tokens), in the old code too,
+    # so that AuxK runs in both and the comparison is of the same work
+    dead = max(1, round(args.steps * args.batch_size * args.dead_tokens_fraction))
+    runs = []
+    for name in names:
+        variant = {k: v for k, v in variants[name].items() if k != "train"}
+        config = TrainConfig(steps=args.steps, log_every=max(1, args.steps // 4), checkpoint_every=0)
+        runs.append(TrainingRun(name=name, sae=build_variant(variant, d_in, dead), config=config))
+    batch_at, _ = family_batches(args, d_in)
+    accepted = inspect.signature(train_saes).parameters
+    kwargs = {}
+    if "workers" in accepted:
+        kwargs = {"workers": args.workers, "threads": args.threads}
+    elif args.workers != 1:
+        raise SystemExit("--workers: this checkout's train_saes trains in one process only; use --workers 1")
+    previous = torch.get_num_threads()
+    if "workers" not in accepted and args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        t0 = time.perf_counter()
+        train_saes(runs, batch_at, progress=False, **kwargs)
+        wall = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(previous)
+    rows = []
+    for run in runs:
+        cfg = run.sae.cfg
+        rows.append({
+            "family": family, "variant": run.name, "architecture": variants[run.name]["architecture"],
+            "k": cfg.k, "num_latents": cfg.num_latents, "steps": args.steps,
+            "seconds_per_step": run.seconds / args.steps,
+            "tokens_per_s": run.tokens_seen / run.seconds,
+            "final_mse": run.history[-1]["mse"],
+            "auxk_logged": max((h.get("auxk", 0.0) for h in run.history), default=0.0),
+        })
+    return {
+        "family": family, "variants": len(runs), "steps": args.steps, "wall_seconds": wall,
+        "ms_per_sae_step": 1000 * wall / (args.steps * len(runs)),
+        "sae_steps_per_s": args.steps * len(runs) / wall, "rows": rows,
+    }
+
+
+def run_families(args: argparse.Namespace) -> dict[str, Any]:
+    from moesae.grid import study_variants
+
+    import moesae.saes  # noqa: F401  (registers the architectures)
+
+    params = default_profile_params()
+    variants = study_variants(params)
+    d_in = int(params["subject_model"]["d_model"])
+    families: dict[str, list[str]] = {}
+    for name, v in variants.items():
+        families.setdefault(v["family"], []).append(name)
+    wanted = list(families) if args.families == "all" else [f for f in args.families.split(",") if f]
+    unknown = [f for f in wanted if f not in families]
+    if unknown:
+        raise SystemExit(f"--families: no family {unknown[0]!r} in the default profile (families: {', '.join(families)})")
+    if args.batch_size != int(params["train"]["batch_size"]):
+        print(f"note: --batch-size {args.batch_size} differs from the default profile's {params['train']['batch_size']}")
+    if args.allocator == "keep":
+        keep_freed_cpu_memory()
+    results = []
+    for family in wanted:
+        result = time_family(family, sorted(families[family]), variants, args, d_in)
+        results.append(result)
+        print(f"{family:26} {result['variants']} SAEs  {result['ms_per_sae_step']:7.2f} ms/SAE-step  "
+              + "  ".join(f"k{r['k']}: {r['tokens_per_s']:9.0f} tok/s" for r in result["rows"]), flush=True)
+    total_steps = sum(r["steps"] * r["variants"] for r in results)
+    total_wall = sum(r["wall_seconds"] for r in results)
+    return {
+        "mode": "families", "label": args.label, "device": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_default_threads": torch.get_num_threads(),
+        "workers": args.workers, "threads": args.threads, "batch_size": args.batch_size, "steps": args.steps,
+        "d_in": d_in, "num_latents": int(params["grid"]["num_latents"]), "dead_tokens_fraction": args.dead_tokens_fraction,
+        "data": family_batches(args, d_in)[1], "cpu_allocator": args.allocator,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "families": results,
+        "summary": {"sae_steps": total_steps, "wall_seconds": total_wall, "ms_per_sae_step": 1000 * total_wall / total_steps},
+    }
+
+
 def parse_size(text: str) -> Size:
     if text in SIZES:
         return SIZES[text]
@@ -351,6 +468,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--allocator", default="keep", choices=("keep", "default"),
         help="CPU: keep freed memory in the process as the train stage does (keep), or glibc's default",
     )
+    p.add_argument("--families", default=None,
+                   help="time the default profile's families instead of the cases: all, or a comma list of family names")
+    p.add_argument("--workers", type=int, default=1, help="--families: training processes per family (train.workers)")
+    p.add_argument("--threads", type=int, default=None, help="--families: torch threads per process (train.threads; default: torch's)")
+    p.add_argument("--dead-tokens-fraction", type=float, default=0.122, help="--families: dead-latent window / training tokens")
+    p.add_argument("--activations", default=None, help="--families: an activation cache split folder (default: synthetic data)")
+    p.add_argument("--label", default="", help="--families: a label stored in the JSON (e.g. before / after)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.device == "auto":
@@ -360,10 +484,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "cuda" and not cuda:
         p.error("--device cuda: no CUDA device is visible; use --device cpu")
     on_gpu = args.device == "cuda"
-    args.batch_size = args.batch_size or 8192
-    args.steps = args.steps or (20 if on_gpu else 2)
+    args.batch_size = args.batch_size or (1024 if args.families else 8192)
+    args.steps = args.steps or (60 if args.families else 20 if on_gpu else 2)
     args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
-    for name in ("batch_size", "steps", "k"):
+    for name in ("batch_size", "steps", "k", "workers"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     try:
@@ -376,6 +500,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.families:
+        if args.device != "cpu":
+            raise SystemExit("--families: the train stage trains on CPU; use --device cpu")
+        result = run_families(args)
+        s = result["summary"]
+        print(f"all: {s['sae_steps']} SAE-steps in {s['wall_seconds']:.1f} s = {s['ms_per_sae_step']:.2f} ms per SAE-step")
+        out = Path(args.out) if args.out else RESULTS_DIR / f"families_{args.label or 'cpu'}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+        return result
     device = torch.device(args.device)
     autocast_dtype = resolve_autocast(args.autocast, device)
     only = {s for s in args.only.split(",") if s}

@@ -377,3 +377,150 @@ def test_compiled_forward_matches_eager():
     torch.testing.assert_close(out.x_hat, ref_out.x_hat, rtol=1e-5, atol=1e-5)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+# ---- the faster formulations of the dense-code SAEs and the batch-level selections ----------
+def _dense_reference_losses(sae, x):
+    """The coefficient-sparsity SAEs as they were written before the pass-count work: product
+    and row sum for the penalty, bool masks converted to float, separate bias adds."""
+    from moesae.saes.jumprelu import jumprelu, step
+
+    arch = sae.architecture
+    coef = sae.sparsity_coefficient() * sae.input_scale
+    if arch == "relu":
+        z = torch.relu(sae.encoder_projection(x) + sae.b_enc)
+        x_hat = sae.decode(z)
+        losses = {"l1": coef * (z * sae.decoder_norms()).sum(1).mean()}
+    elif arch == "gated":
+        projection = sae.encoder_projection(x)
+        pi_gate = projection + sae.b_gate
+        pi_mag = sae.r_mag.exp() * projection + sae.b_mag
+        z = (pi_gate > 0).to(x.dtype) * torch.relu(pi_mag)
+        x_hat = sae.decode(z)
+        gate_acts = torch.relu(pi_gate)
+        losses = {"l1": coef * (gate_acts * sae.decoder_norms()).sum(1).mean(),
+                  "aux_gate": (x - (gate_acts @ sae.W_dec.detach() + sae.b_dec.detach())).pow(2).sum(-1).mean()}
+    else:
+        pre = sae.encoder_projection(x) + sae.b_enc
+        eps = sae.cfg.bandwidth * float(sae.input_scale)
+        z = jumprelu(pre, sae.threshold(), eps)
+        x_hat = sae.decode(z)
+        losses = {"l0": sae.sparsity_coefficient() * sae.input_scale**2 * step(pre, sae.threshold(), eps).sum(1).mean()}
+    losses["mse"] = (x - x_hat).pow(2).sum(-1).mean()
+    return z, x_hat, losses
+
+
+@pytest.mark.parametrize("architecture", ["relu", "gated", "jumprelu"])
+def test_dense_code_saes_equal_their_reference_formulation(architecture):
+    sae = build_sae(architecture, d_in=16, num_latents=96, k=6, seed=1, sparsity_coefficient=0.3)
+    x = _skewed_batch()
+    sae.init_from_batch(x)
+    _perturb(sae, seed=2)
+    if architecture == "jumprelu":  # thresholds near the pre-activations: the pseudo-gradient band matters
+        with torch.no_grad():
+            sae.log_threshold.copy_(torch.log(torch.rand(96, generator=torch.Generator().manual_seed(3)) * 0.6 + 0.1))
+            sae.input_scale.fill_(4.0)
+    reference = copy.deepcopy(sae)
+    z, ref_x_hat, ref_losses = _dense_reference_losses(reference, x)
+    sum(ref_losses.values()).backward()
+    out, grads = _forward_and_grads(sae, x)
+    torch.testing.assert_close(out.latents, z.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.x_hat, ref_x_hat, rtol=1e-5, atol=1e-5)
+    assert set(out.losses) == set(ref_losses)
+    for name, value in ref_losses.items():
+        torch.testing.assert_close(out.losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, p in reference.named_parameters():
+        assert (p.grad is None) == (name not in grads), name
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+    if architecture == "jumprelu":
+        assert grads["log_threshold"].abs().sum() > 0  # the band was hit: the test compares something
+
+
+def test_fused_jumprelu_equals_jumprelu_and_step():
+    from moesae.saes.jumprelu import jumprelu, jumprelu_with_count, step
+
+    g = torch.Generator().manual_seed(0)
+    pre = (torch.rand(64, 40, generator=g) * 2).requires_grad_()
+    theta = (torch.rand(40, generator=g) + 0.5).requires_grad_()
+    upstream, weight = torch.randn(64, 40, generator=g), 0.37
+    z, count = jumprelu_with_count(pre, theta, 0.2)
+    ((z * upstream).sum() + weight * count).backward()
+    fused = (z.detach(), count.detach(), pre.grad.clone(), theta.grad.clone())
+    pre.grad = theta.grad = None
+    z_ref = jumprelu(pre, theta, 0.2)
+    count_ref = step(pre, theta, 0.2).sum()
+    ((z_ref * upstream).sum() + weight * count_ref).backward()
+    torch.testing.assert_close(fused[0], z_ref.detach())
+    assert fused[1] == count_ref
+    torch.testing.assert_close(fused[2], pre.grad)
+    torch.testing.assert_close(fused[3], theta.grad, rtol=1e-5, atol=1e-5)
+    assert theta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("capacity", ["uniform", "zipf"])
+def test_feature_choice_mask_equals_a_full_sort(capacity):
+    from moesae.saes.feature_choice import capacity_weights, feature_capacities, feature_choice_mask
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.relu(torch.randn(256, 300, generator=g))  # continuous values: no ties but the zeros
+    caps = feature_capacities(capacity_weights(300, capacity, 1.0), 6, 256)
+    keep, threshold = feature_choice_mask(pre, caps)
+    # the reference: every column sorted, its m_j largest positive entries kept
+    values, order = pre.sort(dim=0, descending=True)
+    kept_sorted = (torch.arange(256)[:, None] < caps[None, :]) & (values > 0)
+    reference = torch.zeros_like(kept_sorted).scatter(0, order, kept_sorted)
+    assert keep.dtype == torch.bool and torch.equal(keep, reference)
+    torch.testing.assert_close(threshold, values.gather(0, (caps - 1)[None, :])[0].clamp_min(0), rtol=0, atol=0)
+    as_float, _ = feature_choice_mask(pre, caps, as_float=True)
+    assert as_float.dtype == pre.dtype and torch.equal(as_float.bool(), keep)
+
+
+@pytest.mark.parametrize("shape,budget", [((512, 600), 2048), ((64, 40), 100), ((8, 8), 64), ((300, 1000), 9000)])
+def test_batch_topk_is_exact(shape, budget):
+    from moesae.saes.batchtopk import batch_topk
+
+    scores = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    positions, values = batch_topk(scores, budget)
+    ref_values = scores.flatten().topk(min(budget, scores.numel())).values
+    assert positions.unique().numel() == positions.numel() == min(budget, scores.numel())
+    torch.testing.assert_close(values.sort(descending=True).values, ref_values, rtol=0, atol=0)
+    torch.testing.assert_close(scores.flatten()[positions], values, rtol=0, atol=0)
+
+
+def test_batch_topk_falls_back_when_the_sample_misleads():
+    from moesae.saes.batchtopk import batch_topk
+
+    scores = torch.zeros(64, 1024)
+    scores.view(-1)[1::16] = torch.arange(1, 4097, dtype=torch.float32)  # the sample sees only zeros
+    positions, values = batch_topk(scores, 1024)
+    assert torch.equal(values.sort().values, torch.arange(3073, 4097, dtype=torch.float32))
+
+
+def test_padded_rows_use_distinct_unkept_columns():
+    from moesae.saes.batchtopk import rows_of_positions
+
+    g = torch.Generator().manual_seed(0)
+    keep_mask = torch.rand(50, 30, generator=g) < torch.rand(50, 1, generator=g)  # rows of very different counts
+    positions, keep = rows_of_positions(keep_mask.flatten().nonzero().squeeze(1), (50, 30))
+    assert keep.shape == positions.shape and torch.equal(keep.sum(1), keep_mask.sum(1))
+    for b in range(50):
+        row = positions[b]
+        assert row.unique().numel() == row.numel()  # no column twice: a dense scatter loses nothing
+        assert torch.equal(keep_mask[b, row], keep[b])  # real entries are kept ones, padding is not
+
+
+def test_auxk_select_equals_the_masked_topk():
+    from moesae.saes.topk import auxk_select
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(32, 200, generator=g)
+    for dead_share in (0.0, 0.02, 0.3, 1.0):
+        dead = torch.rand(200, generator=g) < dead_share
+        ids = auxk_select(pre, dead, 16)
+        if not dead.any():
+            assert ids is None
+            continue
+        masked = torch.where(dead[None, :], pre, torch.full_like(pre, -torch.inf))
+        ref = masked.topk(min(16, int(dead.sum())), dim=-1).indices
+        assert torch.equal(ids.sort(1).values, ref.sort(1).values)

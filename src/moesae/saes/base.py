@@ -286,6 +286,9 @@ class SAE(nn.Module):
         if out.top_indices is not None and out.top_values is not None:
             # sparse codes: touch only the k fired ids per token, no [batch, M] mask
             self.tokens_since_fired[out.top_indices[out.top_values != 0]] = 0
+        elif out.latents is not None:
+            # a latent fired iff max |z| over the batch > 0 (abs + amax: faster than != 0 then any)
+            self.tokens_since_fired.masked_fill_(out.latents.detach().abs().amax(0) > 0, 0)
         else:
             self.tokens_since_fired[out.active_mask(self.cfg.num_latents).any(0)] = 0
 

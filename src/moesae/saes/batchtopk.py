@@ -29,12 +29,32 @@ from .registry import register
 from .topk import TopKConfig, TopKSAE
 
 
+def batch_topk(scores: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """Flat positions and values of the ``budget`` largest entries of the whole ``scores``.
+
+    Exact, and faster than one ``topk`` over every entry: the 2·budget/16-th largest of every 16th
+    entry is a threshold that about 2·budget entries reach; when at least ``budget`` do (checked:
+    otherwise the full ``topk``), the largest ``budget`` are all among them.
+    """
+    flat = scores.reshape(-1)
+    budget = min(budget, flat.numel())
+    stride = 16
+    if flat.numel() >= 32 * budget and budget > 0:
+        sample = flat[::stride]
+        rank = min(sample.numel(), 2 * -(-budget // stride) + 64)
+        cut = sample.topk(rank, sorted=False).values.min()
+        candidates = (flat >= cut).nonzero().squeeze(1)
+        if candidates.numel() >= budget:
+            values, j = flat.index_select(0, candidates).topk(budget, sorted=False)
+            return candidates.index_select(0, j), values
+    values, positions = flat.topk(budget, sorted=False)
+    return positions, values
+
+
 def batch_topk_mask(scores: Tensor, budget: int) -> Tensor:
     """Boolean mask of the ``budget`` largest entries of the whole ``scores`` matrix."""
-    flat = scores.flatten()
-    budget = min(budget, flat.numel())
-    idx = flat.topk(budget, sorted=False).indices
-    return torch.zeros_like(flat, dtype=torch.bool).scatter(0, idx, True).view_as(scores)
+    positions, _ = batch_topk(scores, budget)
+    return torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device).index_fill_(0, positions, True).view_as(scores)
 
 
 @torch.no_grad()
@@ -50,6 +70,34 @@ def update_threshold(threshold: Tensor, kept_values: Tensor, decay: float) -> No
         threshold.mul_(decay).add_((1 - decay) * smallest)
 
 
+def rows_of_positions(positions: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Flat positions in a ``[B, W]`` matrix as per-row columns ``[B, width]`` and the mask of the
+    real ones: row b holds its positions in column order, then padding (mask False).
+
+    The padding of a row is made of distinct columns the row did not keep (the lowest-numbered
+    ones), so a padded code scatters into ``[B, W]`` without two entries on one column.
+    """
+    B, W = shape
+    device = positions.device
+    positions = positions.sort().values
+    rows = torch.div(positions, W, rounding_mode="floor")
+    counts = torch.bincount(rows, minlength=B)
+    width = max(1, int(counts.max())) if positions.numel() else 1
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(positions.numel(), device=device) - starts.index_select(0, rows)
+    out = torch.empty(B, width, dtype=torch.long, device=device)
+    out.index_put_((rows, slot), positions - rows * W)
+    # padding: among the first min(W, 2·width) columns at least width − count are free in every row
+    pool = min(W, 2 * width)
+    kept = torch.zeros(B * W, dtype=torch.bool, device=device).index_fill_(0, positions, True).view(B, W)
+    free = ~kept[:, :pool]
+    rank = torch.cumsum(free, 1) - 1
+    pad_rows, pad_cols = (free & (rank < (width - counts)[:, None])).nonzero(as_tuple=True)
+    out.index_put_((pad_rows, counts.index_select(0, pad_rows) + rank[pad_rows, pad_cols]), pad_cols)
+    keep = torch.arange(width, device=device)[None, :] < counts[:, None]
+    return out, keep
+
+
 @torch.no_grad()
 def select_batch_topk(
     scores: Tensor, k: int, threshold: Tensor, decay: float, training: bool
@@ -61,10 +109,10 @@ def select_batch_topk(
     the largest count in the batch.
     """
     if training:
-        keep = batch_topk_mask(scores, k * scores.shape[0])
-        update_threshold(threshold, scores[keep], decay)
-    else:
-        keep = scores > threshold.clamp_min(0)
+        positions, values = batch_topk(scores, k * scores.shape[0])
+        update_threshold(threshold, values, decay)
+        return rows_of_positions(positions, tuple(scores.shape))
+    keep = scores > threshold.clamp_min(0)
     width = max(1, int(keep.sum(1).max()))
     positions = (scores * keep.to(scores.dtype)).topk(width, dim=-1, sorted=False).indices
     return positions, keep.gather(1, positions)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .base import SAEOutput, reconstruction_mse
 from .registry import register
-from .relu import CoefficientSparsityConfig, CoefficientSparsitySAE
+from .relu import CoefficientSparsityConfig, CoefficientSparsitySAE, float_mask, weighted_code_sum
 
 
 @dataclass
@@ -46,17 +46,20 @@ class GatedSAE(CoefficientSparsitySAE):
         self.b_gate.fill_(-float(quantile))
 
     def forward(self, x: Tensor) -> SAEOutput:
+        # Few [B, M] passes (training speed at the default size): biases inside the matmuls,
+        # the gate as a float mask written by the comparison itself, the penalty from column sums.
         projection = self.encoder_projection(x)
         pi_gate = projection + self.b_gate
-        pi_mag = self.r_mag.exp() * projection + self.b_mag
-        gate_open = pi_gate > 0
-        z = gate_open.to(x.dtype) * torch.relu(pi_mag)
-        x_hat = self.decode(z)
+        pi_mag = torch.addcmul(self.b_mag, self.r_mag.exp(), projection)
+        gate_open = float_mask(torch.gt, pi_gate, 0.0)  # 1.0 where the gate is open
+        z = torch.relu(pi_mag) * gate_open
+        x_hat = torch.addmm(self.b_dec, z, self.W_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}
         gate_acts = torch.relu(pi_gate)
-        losses["l1"] = self.sparsity_coefficient() * self.input_scale * (gate_acts * self.decoder_norms()).sum(1).mean()
+        losses["l1"] = self.sparsity_coefficient() * self.input_scale * weighted_code_sum(gate_acts, self.decoder_norms())
         if self.training:
-            x_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+            x_gate = torch.addmm(self.b_dec.detach(), gate_acts, self.W_dec.detach())
             losses["aux_gate"] = reconstruction_mse(x, x_gate)
-        self.calibrate(gate_open.sum(1).float().mean())
+        if self.training and self.calibrating():
+            self.calibrate(gate_open.sum() / x.shape[0])
         return SAEOutput(x_hat=x_hat, losses=losses, latents=z)

@@ -22,8 +22,59 @@ from .fingerprint import training_fingerprint
 from .launchers import pop_launch_settings, submit_variants
 from .trainer import LOG_FILE, TrainConfig, TrainingRun, finish, read_train_log, train_saes
 
-RECIPE_ONLY_KEYS = ("batch_size", "data_seed", "dead_tokens_threshold")
+RECIPE_ONLY_KEYS = ("batch_size", "data_seed", "dead_tokens_threshold", "dead_tokens_fraction", "threads", "workers")
 """``train`` keys the stage resolves itself (the rest go to :class:`TrainConfig`)."""
+
+STAGE_DEFAULTS: dict[str, Any] = {"dead_tokens_threshold": None, "dead_tokens_fraction": 0.122, "threads": 1, "workers": 2}
+"""Values of the stage's own keys when params.yaml does not set them (``batch_size`` and
+``data_seed`` are required). ``dead_tokens_fraction`` = the paper's 10M of 82M training tokens."""
+
+NOT_IN_FINGERPRINT = ("workers",)
+"""``train`` keys that cannot change a trained SAE: the variants are split among ``workers``
+processes, each running ``threads`` torch threads, and every SAE's arithmetic depends only on its
+own state, its batches and the thread count (tested bit for bit), not on which worker trains it."""
+
+
+def stage_settings(train_section: dict[str, Any]) -> dict[str, Any]:
+    """The stage's own ``train`` keys, validated (errors name ``train.<key>``), defaults filled in."""
+    values = {**STAGE_DEFAULTS, **{k: train_section[k] for k in RECIPE_ONLY_KEYS if k in train_section}}
+    for key in ("batch_size", "data_seed"):
+        values[key] = require(train_section, key, "train")
+
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    checks = [
+        ("batch_size", positive_int(values["batch_size"]), "must be a positive integer"),
+        ("data_seed", isinstance(values["data_seed"], int) and not isinstance(values["data_seed"], bool)
+         and values["data_seed"] >= 0, "must be a non-negative integer"),
+        ("dead_tokens_threshold", values["dead_tokens_threshold"] is None or positive_int(values["dead_tokens_threshold"]),
+         "must be a positive token count, or null to use train.dead_tokens_fraction of each SAE's training tokens"),
+        ("dead_tokens_fraction", isinstance(values["dead_tokens_fraction"], (int, float))
+         and not isinstance(values["dead_tokens_fraction"], bool) and 0 < values["dead_tokens_fraction"] <= 1,
+         "must be a number in (0, 1]: the share of an SAE's training tokens (steps x batch_size) a latent may "
+         "go without firing before it counts as dead (paper: 10M of 82M = 0.122)"),
+        ("threads", values["threads"] is None or positive_int(values["threads"]),
+         "must be a positive integer (torch threads per training process), or null for torch's default"),
+        ("workers", positive_int(values["workers"]), "must be a positive integer (training processes per family)"),
+    ]
+    for key, ok, message in checks:
+        if not ok:
+            raise ParamsError(f"params.yaml: 'train.{key}' {message}; got {values[key]!r}")
+    return values
+
+
+def resolve_dead_tokens_threshold(settings: dict[str, Any], steps: int) -> int:
+    """The dead-latent window of one SAE in tokens: ``train.dead_tokens_threshold`` if set, else
+    ``train.dead_tokens_fraction`` x its training tokens (steps x batch_size), at least 1."""
+    if settings["dead_tokens_threshold"] is not None:
+        return int(settings["dead_tokens_threshold"])
+    return max(1, round(steps * settings["batch_size"] * settings["dead_tokens_fraction"]))
+
+
+def fingerprint_recipe(train_section: dict[str, Any]) -> dict[str, Any]:
+    """The ``train`` section as it enters the fingerprints (without :data:`NOT_IN_FINGERPRINT`)."""
+    return {k: v for k, v in train_section.items() if k not in NOT_IN_FINGERPRINT}
 
 
 def is_trained(path: Path, fingerprint: str) -> bool:
@@ -56,12 +107,12 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
     train_section = dict(params.get("train") or {})
     launch = pop_launch_settings(train_section)  # where an SAE trains is not part of what it is
     dist = distributed.from_environment()  # None unless torchrun started several ranks
-    recipe = dict(train_section)
+    recipe = fingerprint_recipe(train_section)
     if dist is not None:
         recipe = distributed.fingerprint_recipe(recipe, dist.world_size)
-    batch_size, seed, dead_threshold = (require(train_section, key, "train") for key in RECIPE_ONLY_KEYS)
+    settings = stage_settings(train_section)
     for key in RECIPE_ONLY_KEYS:
-        train_section.pop(key)
+        train_section.pop(key, None)
     todo = []
     for name in names:
         fingerprint = training_fingerprint(variants[name], recipe)
@@ -85,23 +136,31 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
         variant = {k: v for k, v in variants[name].items() if k != "train"}
         cfg = section_to(TrainConfig, {**train_section, **dict(variants[name].get("train", {}))}, "train")
         try:
-            sae = build_variant(variant, reader.d_model, dead_threshold)
+            sae = build_variant(variant, reader.d_model, resolve_dead_tokens_threshold(settings, cfg.steps))
         except ValueError as exc:
             raise ParamsError(f"variant '{name}': {exc}") from exc
         runs.append(TrainingRun(name=name, sae=sae, config=cfg, out_dir=model_dir(name, variant)))
         fingerprints[name] = fingerprint
-    batch_at = reader.batch_fn(int(batch_size), seed=int(seed))
+    batch_at = reader.batch_fn(int(settings["batch_size"]), seed=int(settings["data_seed"]))
     if dist is not None:  # each rank reads only its slice of every batch
-        batch_at = distributed.ShardedBatches(reader, int(batch_size), int(seed))
+        batch_at = distributed.ShardedBatches(reader, int(settings["batch_size"]), int(settings["data_seed"]))
         dist.prepare(runs)
+    if settings["workers"] > 1:  # check every shard once here, not once in every worker
+        for shard in reader.manifest["shards"]:
+            reader.slice(int(shard["first_row"]), int(shard["first_row"]) + 1)
     keep_freed_cpu_memory()  # this process only trains: reuse freed gradient-sized blocks
     start = time.time()
-    train_saes(runs, batch_at, progress=progress, stop_after=should_stop, dist=dist)
+    train_saes(runs, batch_at, progress=progress, workers=settings["workers"], threads=settings["threads"],
+               stop_after=should_stop, dist=dist)
     for run in runs:
         if dist is not None and not dist.is_writer:
             continue  # rank 0 writes the outputs
         extra = {"variant": run.name, "family": variants[run.name]["family"],
-                 "fingerprint": fingerprints[run.name], "wall_seconds": time.time() - start}
+                 "fingerprint": fingerprints[run.name], "wall_seconds": time.time() - start,
+                 "batch_size": settings["batch_size"], "dead_tokens_fraction":
+                 None if settings["dead_tokens_threshold"] is not None else settings["dead_tokens_fraction"],
+                 "cached_tokens": reader.num_tokens, "epochs": run.tokens_seen / reader.num_tokens,
+                 "threads": settings["threads"], "workers": settings["workers"]}
         if dist is not None:
             extra["world_size"] = dist.world_size
         finish(run, extra)
