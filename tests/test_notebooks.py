@@ -168,3 +168,23 @@ def test_figure_stage_writes_html_atomically(run_root, tmp_path):
     assert (reports / "notebooks" / "fig07_redundancy.ipynb").is_file()
     assert (reports / "figures" / "fig07_redundancy.png").is_file()
     assert not [p for p in reports.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fig01_architecture", "fig03_main_comparison"])
+def test_notebook_runs_as_it_is_from_the_notebooks_folder(run_root, tmp_path, name):
+    """As in JupyterLab: kernel in notebooks/, no parameters passed; figures go to the scratch folder."""
+    import shutil
+
+    import papermill
+
+    root = tmp_path / "run"
+    shutil.copytree(run_root / "results", root / "results")
+    if (run_root / "models").is_dir():
+        shutil.copytree(run_root / "models", root / "models", ignore=shutil.ignore_patterns("*.pt"))
+    (root / "notebooks").mkdir()
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    papermill.execute_notebook(str(REPO / "notebooks" / f"{name}.ipynb"), str(tmp_path / "out.ipynb"),
+                               kernel_name="moesae", cwd=str(root / "notebooks"), progress_bar=False)
+    assert (root / "reports" / "scratch" / f"{name}.png").stat().st_size > 1000
+    assert not (root / "reports" / "figures").exists()
