@@ -23,6 +23,7 @@ STAGES = {
     "synthetic": ("moesae.synthetic", "ground-truth feature-recovery benchmark"),
     "figure": ("moesae.notebooks", "execute one figure notebook (papermill) and export its HTML"),
     "report": ("moesae.report", "build reports/index.html"),
+    "browse": ("moesae.browser", "build the static feature browser (reports/features/)"),
 }
 
 
