@@ -181,3 +181,12 @@ def test_pages_load_offline_in_chromium(tmp_path):
                               capture_output=True, text=True, timeout=90)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "</html>" in proc.stdout and "alert(1)" not in proc.stdout.replace("&lt;script&gt;alert(1)", "")
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("not a browser")
+    with pytest.raises(ValueError, match="not a feature browser"):
+        write_pages([sae_data("topk_k8", False)], tmp_path)
+    assert (tmp_path / "keep.txt").is_file()
+    write_pages([sae_data("topk_k8", False)], tmp_path / "features")
+    write_pages([sae_data("topk_k8", False)], tmp_path / "features")  # a previous browser is replaced

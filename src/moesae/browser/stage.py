@@ -236,6 +236,8 @@ def build_sae(name: str, variant: dict[str, Any], sae: Any, counts: np.ndarray, 
 def write_pages(saes: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     """Every page of the browser under ``out`` (replaced as a whole)."""
     if out.exists():
+        if any(out.iterdir()) and not (out / "index.html").is_file():
+            raise ValueError(f"{out} exists and is not a feature browser (no index.html): not replacing it")
         shutil.rmtree(out)
     written = []
     for s in saes:
@@ -271,10 +273,8 @@ def run_stage(params_path: str | Path = "params.yaml", out: str | Path = OUT_DIR
     stream = token_stream(np.asarray(reader.token_ids[:n]), np.asarray(reader.doc_index[:n]), np.asarray(reader.position[:n]), cfg.chunk_length)
     subject = load_subject_model(root / paths.get("subject_model", "models/subject"))
     saes = {name: load_sae(model_dir(name, v, root / MODELS_DIR)).eval() for name, v in selected.items()}
-    x_all = reader.slice(0, n)
-
     def batches():
-        return (x_all[a:a + cfg.batch_size] for a in range(0, n, cfg.batch_size))
+        return reader.iter_batches(cfg.batch_size, max_tokens=n)
 
     explanations = read_explanations(root / EXPLANATIONS)
     counts, feats, codes = [], [], []
