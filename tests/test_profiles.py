@@ -33,7 +33,7 @@ def test_the_paper_profile_states_only_what_differs(tmp_path):
 
     assert list(repeats(overlay, default)) == []
     paper = resolve_profile("paper")
-    assert paper["grid"]["families"]["gated"] == {"architecture": "gated", "calibration_steps": 8000}
+    assert paper["grid"]["families"]["gated"] == {"architecture": "gated", "calibration_steps": 8000, "seeds": [0]}
     assert paper["grid"]["num_latents"] == 24576 and paper["subject_model"]["hook_layer"] == 8
     assert paper["synthetic"]["data"]["d_in"] == 768  # the paper-size ground-truth benchmark
     out = write_params("paper", tmp_path / "params.yaml")
