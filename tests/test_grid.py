@@ -135,3 +135,15 @@ def test_a_params_edit_of_one_family_retrains_only_its_variants(micro_results, t
     names = sorted(n for n, v in variants.items() if v["family"] in ("switch_n32", "switch_n32_shared", "topk_m8th"))
     expected = {n for n in names if variants[n]["family"] == "switch_n32"}
     assert set(stage.train_variants(names, "params.yaml", progress=False)) == expected
+
+
+def test_train_device_is_validated_and_enters_the_fingerprint_as_its_type():
+    settings = stage.stage_settings({"batch_size": 8, "data_seed": 0, "device": "auto"})
+    assert settings["device"] == "auto"
+    with pytest.raises(ParamsError, match="train.device"):
+        stage.stage_settings({"batch_size": 8, "data_seed": 0, "device": "gpu"})
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert stage.fingerprint_recipe({"steps": 3, "device": "auto"}) == {"steps": 3, "device": expected}
+    assert stage.fingerprint_recipe({"steps": 3, "workers": 4}) == {"steps": 3}  # where it trains is not what it is

@@ -17,15 +17,18 @@ from typing import Any
 
 from ..grid import MODELS_DIR, build_variant, family_variants, model_dir, study_variants
 from ..params import ParamsError, load_params, require, section_to
+from ..devices import DEVICE_CHOICES, check_device, resolve_device
 from . import distributed
 from .fingerprint import training_fingerprint
 from .launchers import pop_launch_settings, submit_variants
 from .trainer import LOG_FILE, TrainConfig, TrainingRun, finish, read_train_log, train_saes
 
-RECIPE_ONLY_KEYS = ("batch_size", "data_seed", "dead_tokens_threshold", "dead_tokens_fraction", "threads", "workers")
+RECIPE_ONLY_KEYS = ("batch_size", "data_seed", "dead_tokens_threshold", "dead_tokens_fraction", "threads", "workers",
+                    "device")
 """``train`` keys the stage resolves itself (the rest go to :class:`TrainConfig`)."""
 
-STAGE_DEFAULTS: dict[str, Any] = {"dead_tokens_threshold": None, "dead_tokens_fraction": 0.122, "threads": 1, "workers": 2}
+STAGE_DEFAULTS: dict[str, Any] = {"dead_tokens_threshold": None, "dead_tokens_fraction": 0.122, "threads": 1, "workers": 2,
+                                  "device": "cpu"}
 """Values of the stage's own keys when params.yaml does not set them (``batch_size`` and
 ``data_seed`` are required). ``dead_tokens_fraction`` = the paper's 10M of 82M training tokens."""
 
@@ -57,11 +60,20 @@ def stage_settings(train_section: dict[str, Any]) -> dict[str, Any]:
         ("threads", values["threads"] is None or positive_int(values["threads"]),
          "must be a positive integer (torch threads per training process), or null for torch's default"),
         ("workers", positive_int(values["workers"]), "must be a positive integer (training processes per family)"),
+        ("device", _valid_device(values["device"]), f"must be one of {DEVICE_CHOICES}"),
     ]
     for key, ok, message in checks:
         if not ok:
             raise ParamsError(f"params.yaml: 'train.{key}' {message}; got {values[key]!r}")
     return values
+
+
+def _valid_device(value: Any) -> bool:
+    try:
+        check_device(value)
+    except ValueError:
+        return False
+    return True
 
 
 def resolve_dead_tokens_threshold(settings: dict[str, Any], steps: int) -> int:
@@ -73,8 +85,14 @@ def resolve_dead_tokens_threshold(settings: dict[str, Any], steps: int) -> int:
 
 
 def fingerprint_recipe(train_section: dict[str, Any]) -> dict[str, Any]:
-    """The ``train`` section as it enters the fingerprints (without :data:`NOT_IN_FINGERPRINT`)."""
-    return {k: v for k, v in train_section.items() if k not in NOT_IN_FINGERPRINT}
+    """The ``train`` section as it enters the fingerprints (without :data:`NOT_IN_FINGERPRINT`).
+
+    ``device`` enters as the device *type* it resolves to on this machine (``auto`` trains on CUDA
+    where there is a GPU): an SAE trained on a GPU is not bit-identical to one trained on a CPU."""
+    recipe = {k: v for k, v in train_section.items() if k not in NOT_IN_FINGERPRINT}
+    if "device" in recipe:
+        recipe["device"] = resolve_device(recipe["device"], "train.device").type
+    return recipe
 
 
 def is_trained(path: Path, fingerprint: str) -> bool:
@@ -131,6 +149,10 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
                                label="train-" + "+".join(sorted({str(variants[n]["family"]) for n in expected})),
                                family_of=lambda n: str(variants[n]["family"]))
     reader = ActivationReader(Path(require(params.get("paths") or {}, "activations", "paths")) / "train")
+    device = resolve_device(settings["device"], "train.device")
+    if device.type != "cpu" and settings["workers"] > 1:
+        print(f"[train] train.device={settings['device']} ({device}): one training process (train.workers applies to CPU training)")
+        settings["workers"] = 1
     runs, fingerprints = [], {}
     for name, fingerprint in todo:
         variant = {k: v for k, v in variants[name].items() if k != "train"}
@@ -139,9 +161,11 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
             sae = build_variant(variant, reader.d_model, resolve_dead_tokens_threshold(settings, cfg.steps))
         except ValueError as exc:
             raise ParamsError(f"variant '{name}': {exc}") from exc
-        runs.append(TrainingRun(name=name, sae=sae, config=cfg, out_dir=model_dir(name, variant)))
+        runs.append(TrainingRun(name=name, sae=sae.to(device), config=cfg, out_dir=model_dir(name, variant)))
         fingerprints[name] = fingerprint
     batch_at = reader.batch_fn(int(settings["batch_size"]), seed=int(settings["data_seed"]))
+    if device.type != "cpu":  # the cache is read on the CPU; each batch moves to the training device
+        batch_at = _on_device(batch_at, device)
     if dist is not None:  # each rank reads only its slice of every batch
         batch_at = distributed.ShardedBatches(reader, int(settings["batch_size"]), int(settings["data_seed"]))
         dist.prepare(runs)
@@ -168,6 +192,13 @@ def train_variants(names: list[str], params_path: str | Path = "params.yaml", pr
     if dist is not None:
         dist.barrier()  # every rank returns once rank 0 has written
     return [r.name for r in runs]
+
+
+def _on_device(batch_at, device):
+    def batch(step: int):
+        return batch_at(step).to(device, non_blocking=True)
+
+    return batch
 
 
 def remove_stale(family: str, params: dict[str, Any], root: str | Path = MODELS_DIR) -> None:
