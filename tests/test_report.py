@@ -203,3 +203,19 @@ def test_text_from_the_data_is_escaped(run):
     assert "<script" not in page.lower() and "<img src=x" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+def test_autointerp_counts_and_browser_link_are_shown_escaped(run):
+    import json
+
+    summary = {"backend": "openai", "endpoint": "http://127.0.0.1:1/v1", "model": "<b>m</b>", "min_parse_rate": 0.8,
+               "variants": {"switch_n32_k8<script>": {"features_scored": 3, "requests": 59, "replies_unparsed": 40,
+                                                      "judgements_used": 2, "judgements_planned": 50, "parse_rate": 0.04}}}
+    (run / "results" / "autointerp").mkdir(parents=True, exist_ok=True)
+    (run / "results" / "autointerp" / "summary.json").write_text(json.dumps(summary))
+    (run / "reports" / "features").mkdir(parents=True, exist_ok=True)
+    (run / "reports" / "features" / "index.html").write_text("<html></html>")
+    page = report.build_report(run).read_text()
+    assert "switch_n32_k8&lt;script&gt;" in page and "<script>" not in page and "&lt;b&gt;m&lt;/b&gt;" in page
+    assert "4.0%" in page and ">59<" in page
+    assert 'href="features/index.html"' in page

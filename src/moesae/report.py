@@ -82,6 +82,34 @@ def _meta_table(data: dict[str, Any] | None, missing: str) -> str:
     return f'<table class="meta">{rows}</table>'
 
 
+AUTOINTERP_COLUMNS = [
+    ("features_scored", "features scored"), ("requests", "requests"), ("cache_hits", "cache hits"),
+    ("explanations_degenerate", "degenerate explanations"), ("replies_unparsed", "unparsed replies"),
+    ("judgements_used", "judgements used"), ("judgements_planned", "judgements planned"), ("parse_rate", "parse rate"),
+]
+
+
+def autointerp_html(path: Path) -> str:
+    """Per SAE: requests, degenerate explanations, unparsed replies and judgements used (all escaped)."""
+    data = _read_json(path)
+    if not data:
+        return f'<p class="na">not available: {esc(path.as_posix())} is missing (run `moesae autointerp`)</p>'
+    head = (f"<p>backend <code>{esc(data.get('backend', ''))}</code>"
+            + (f", endpoint <code>{esc(data.get('endpoint') or '')}</code>, model <code>{esc(data.get('model') or '')}</code>"
+               if data.get("endpoint") else "")
+            + f"; the stage fails below a parse rate of {esc(data.get('min_parse_rate', ''))}.</p>")
+    rows = ["<table><tr><th>SAE</th>" + "".join(f"<th>{esc(label)}</th>" for _, label in AUTOINTERP_COLUMNS) + "</tr>"]
+    for name, counts in (data.get("variants") or {}).items():
+        cells = []
+        for key, _ in AUTOINTERP_COLUMNS:
+            value = counts.get(key)
+            text = f"{value:.1%}" if key == "parse_rate" and isinstance(value, (int, float)) else ("–" if value is None else str(value))
+            cells.append(f'<td class="num">{esc(text)}</td>')
+        rows.append(f"<tr><td>{esc(name)}</td>{''.join(cells)}</tr>")
+    rows.append("</table>")
+    return head + "\n".join(rows)
+
+
 def claims_html(rows: list[dict], profile: str) -> str:
     paper_head = "Paper" if profile == "paper" else PAPER_REFERENCE_LABEL
     out = [f"<table><tr><th>Claim</th><th>{esc(paper_head)}</th><th>This run ({esc(profile)}): mean ± spread over seeds</th>"
@@ -269,6 +297,11 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
                   "smaller scale than the paper. The paper's numbers are shown for reference only; whether a claim "
                   "each verdict is judged on this run's own numbers (the direction of each effect, against its seed-to-seed spread).</p>")
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    browser_index = reports / "features" / "index.html"
+    browser_link = ""
+    if browser_index.is_file():
+        href = os.path.relpath(browser_index, out.parent).replace(os.sep, "/")
+        browser_link = f' · <a href="{esc(href)}">Feature browser</a>'
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -280,7 +313,7 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
 (Xu et al., arXiv 2511.05745) with Switch SAE and TopK baselines. Generated {esc(generated)} by <code>moesae report</code>.</p>
 <p><a href="#provenance">Provenance</a> · <a href="#claims">Claims</a> · <a href="#timings">Run time</a> ·
 <a href="#figures">Figures</a> · <a href="#table1">Table 1</a> · <a href="#synthetic">Ground truth</a> ·
-<a href="#throughput">Throughput</a></p>
+<a href="#throughput">Throughput</a>{browser_link}</p>
 
 <h2 id="provenance">What produced this run</h2>
 <table class="meta">
@@ -301,6 +334,9 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
 
 <h2 id="figures">Figures</h2>
 {fig_html}
+
+<h3 id="autointerp">Auto-interpretability runs behind Fig 3d (results/autointerp/summary.json)</h3>
+{autointerp_html(results / "autointerp" / "summary.json")}
 
 <h2 id="table1">Table 1 · Configurations</h2>
 <p>{esc(FIGURES["table1_configurations"][1])}{t1_link}</p>
