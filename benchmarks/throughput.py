@@ -337,6 +337,9 @@ def default_profile_params() -> dict[str, Any]:
     return resolve_profile("default")
 
 
+_READERS: dict[str, Any] = {}
+
+
 def family_batches(args: argparse.Namespace, d_in: int):
     """``batch_at`` for the family benchmark: the real activation cache when ``--activations``
     names one (read as the train stage reads it), else seeded Gaussian activations."""
@@ -345,7 +348,12 @@ def family_batches(args: argparse.Namespace, d_in: int):
     if args.activations:
         from moesae.activations import ActivationReader
 
-        reader = ActivationReader(args.activations)
+        if args.activations not in _READERS:  # one reader, its shards checked once, before any timing
+            reader = ActivationReader(args.activations)
+            for shard in reader.manifest["shards"]:
+                reader.slice(int(shard["first_row"]), int(shard["first_row"]) + 1)
+            _READERS[args.activations] = reader
+        reader = _READERS[args.activations]
         if reader.d_model != d_in:
             raise SystemExit(f"--activations: the cache has d={reader.d_model}, the default profile d={d_in}")
         return reader.batch_fn(args.batch_size, seed=0), f"activation cache {args.activations}"
@@ -355,12 +363,9 @@ def family_batches(args: argparse.Namespace, d_in: int):
     return tensor_batches(data, args.batch_size, seed=0), "synthetic Gaussian (16 batches)"
 
 
-def time_family(family: str, names: list[str], variants: dict[str, dict], args: argparse.Namespace, d_in: int) -> dict[str, Any]:
-    """Train one family's variants together for ``--steps`` steps; per-variant and per-family rows."""
-    import inspect
-
+def _family_runs(names: list[str], variants: dict[str, dict], args: argparse.Namespace, d_in: int) -> list:
     from moesae.grid import build_variant
-    from moesae.training import TrainConfig, TrainingRun, train_saes
+    from moesae.training import TrainConfig, TrainingRun
 
     # the pipeline's dead-latent rule (a fraction of the training tokens), in the old code too,
     # so that AuxK runs in both and the comparison is of the same work
@@ -370,37 +375,62 @@ def time_family(family: str, names: list[str], variants: dict[str, dict], args: 
         variant = {k: v for k, v in variants[name].items() if k != "train"}
         config = TrainConfig(steps=args.steps, log_every=max(1, args.steps // 4), checkpoint_every=0)
         runs.append(TrainingRun(name=name, sae=build_variant(variant, d_in, dead), config=config))
-    batch_at, _ = family_batches(args, d_in)
+    return runs
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its waited-for children (the forked workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def time_family(family: str, names: list[str], variants: dict[str, dict], args: argparse.Namespace, d_in: int) -> dict[str, Any]:
+    """One family: each variant alone (one thread, in this process: its own cost per step, as CPU
+    time and wall time), then all variants together as the train stage trains them (``--workers``,
+    ``--threads``): wall time and CPU time per SAE-step."""
+    import inspect
+
+    from moesae.training import train_saes
+
     accepted = inspect.signature(train_saes).parameters
-    kwargs = {}
-    if "workers" in accepted:
-        kwargs = {"workers": args.workers, "threads": args.threads}
-    elif args.workers != 1:
+    new_trainer = "workers" in accepted
+    if not new_trainer and args.workers != 1:
         raise SystemExit("--workers: this checkout's train_saes trains in one process only; use --workers 1")
     previous = torch.get_num_threads()
-    if "workers" not in accepted and args.threads is not None:
-        torch.set_num_threads(args.threads)
+    rows = []
     try:
-        t0 = time.perf_counter()
+        if args.per_sae:
+            torch.set_num_threads(1)
+            for run in _family_runs(names, variants, args, d_in):
+                batch_at, _ = family_batches(args, d_in)
+                c0, t0 = time.thread_time(), time.perf_counter()
+                train_saes([run], batch_at, progress=False)
+                cpu, wall = time.thread_time() - c0, time.perf_counter() - t0
+                cfg = run.sae.cfg
+                rows.append({
+                    "family": family, "variant": run.name, "architecture": variants[run.name]["architecture"],
+                    "k": cfg.k, "num_latents": cfg.num_latents, "steps": args.steps, "threads": 1,
+                    "cpu_ms_per_step": 1000 * cpu / args.steps, "wall_ms_per_step": 1000 * wall / args.steps,
+                    "tokens_per_cpu_s": run.tokens_seen / cpu, "tokens_per_s": run.tokens_seen / wall,
+                    "final_mse": run.history[-1]["mse"],
+                    "auxk_logged": max((h.get("auxk", 0.0) for h in run.history), default=0.0),
+                })
+        runs = _family_runs(names, variants, args, d_in)
+        batch_at, _ = family_batches(args, d_in)
+        kwargs = {"workers": args.workers, "threads": args.threads} if new_trainer else {}
+        torch.set_num_threads(previous)
+        if not new_trainer and args.threads is not None:
+            torch.set_num_threads(args.threads)
+        c0, t0 = _cpu_seconds(), time.perf_counter()
         train_saes(runs, batch_at, progress=False, **kwargs)
-        wall = time.perf_counter() - t0
+        cpu, wall = _cpu_seconds() - c0, time.perf_counter() - t0
     finally:
         torch.set_num_threads(previous)
-    rows = []
-    for run in runs:
-        cfg = run.sae.cfg
-        rows.append({
-            "family": family, "variant": run.name, "architecture": variants[run.name]["architecture"],
-            "k": cfg.k, "num_latents": cfg.num_latents, "steps": args.steps,
-            "seconds_per_step": run.seconds / args.steps,
-            "tokens_per_s": run.tokens_seen / run.seconds,
-            "final_mse": run.history[-1]["mse"],
-            "auxk_logged": max((h.get("auxk", 0.0) for h in run.history), default=0.0),
-        })
+    sae_steps = args.steps * len(runs)
     return {
-        "family": family, "variants": len(runs), "steps": args.steps, "wall_seconds": wall,
-        "ms_per_sae_step": 1000 * wall / (args.steps * len(runs)),
-        "sae_steps_per_s": args.steps * len(runs) / wall, "rows": rows,
+        "family": family, "variants": len(runs), "steps": args.steps, "wall_seconds": wall, "cpu_seconds": cpu,
+        "ms_per_sae_step": 1000 * wall / sae_steps, "cpu_ms_per_sae_step": 1000 * cpu / sae_steps,
+        "sae_steps_per_s": sae_steps / wall, "rows": rows,
     }
 
 
@@ -423,22 +453,27 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
         print(f"note: --batch-size {args.batch_size} differs from the default profile's {params['train']['batch_size']}")
     if args.allocator == "keep":
         keep_freed_cpu_memory()
+    load_at_start = os.getloadavg()
     results = []
     for family in wanted:
         result = time_family(family, sorted(families[family]), variants, args, d_in)
         results.append(result)
-        print(f"{family:26} {result['variants']} SAEs  {result['ms_per_sae_step']:7.2f} ms/SAE-step  "
-              + "  ".join(f"k{r['k']}: {r['tokens_per_s']:9.0f} tok/s" for r in result["rows"]), flush=True)
+        print(f"{family:24} {result['variants']} SAEs together: {result['ms_per_sae_step']:6.2f} ms/SAE-step wall, "
+              f"{result['cpu_ms_per_sae_step']:6.2f} CPU;  alone (1 thread, CPU ms/step): "
+              + "  ".join(f"k{r['k']} {r['cpu_ms_per_step']:.2f}" for r in result["rows"]), flush=True)
     total_steps = sum(r["steps"] * r["variants"] for r in results)
     total_wall = sum(r["wall_seconds"] for r in results)
+    total_cpu = sum(r["cpu_seconds"] for r in results)
     return {
         "mode": "families", "label": args.label, "device": platform.processor() or platform.machine(),
         "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_default_threads": torch.get_num_threads(),
         "workers": args.workers, "threads": args.threads, "batch_size": args.batch_size, "steps": args.steps,
         "d_in": d_in, "num_latents": int(params["grid"]["num_latents"]), "dead_tokens_fraction": args.dead_tokens_fraction,
         "data": family_batches(args, d_in)[1], "cpu_allocator": args.allocator,
+        "load_average_at_end": os.getloadavg(), "load_average_at_start": load_at_start,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "families": results,
-        "summary": {"sae_steps": total_steps, "wall_seconds": total_wall, "ms_per_sae_step": 1000 * total_wall / total_steps},
+        "summary": {"sae_steps": total_steps, "wall_seconds": total_wall, "ms_per_sae_step": 1000 * total_wall / total_steps,
+                    "cpu_seconds": total_cpu, "cpu_ms_per_sae_step": 1000 * total_cpu / total_steps},
     }
 
 
@@ -475,6 +510,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dead-tokens-fraction", type=float, default=0.122, help="--families: dead-latent window / training tokens")
     p.add_argument("--activations", default=None, help="--families: an activation cache split folder (default: synthetic data)")
     p.add_argument("--label", default="", help="--families: a label stored in the JSON (e.g. before / after)")
+    p.add_argument("--no-per-sae", dest="per_sae", action="store_false",
+                   help="--families: skip timing each variant alone (one thread)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.device == "auto":
@@ -505,7 +542,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit("--families: the train stage trains on CPU; use --device cpu")
         result = run_families(args)
         s = result["summary"]
-        print(f"all: {s['sae_steps']} SAE-steps in {s['wall_seconds']:.1f} s = {s['ms_per_sae_step']:.2f} ms per SAE-step")
+        print(f"all: {s['sae_steps']} SAE-steps in {s['wall_seconds']:.1f} s = {s['ms_per_sae_step']:.2f} ms per SAE-step "
+              f"(CPU {s['cpu_ms_per_sae_step']:.2f} ms); load average {result['load_average_at_start']} -> "
+              f"{result['load_average_at_end']}")
         out = Path(args.out) if args.out else RESULTS_DIR / f"families_{args.label or 'cpu'}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

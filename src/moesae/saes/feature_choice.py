@@ -71,26 +71,24 @@ def feature_choice_mask(pre: Tensor, capacities: Tensor, as_float: bool = False)
     keep one or two tokens, so this costs a small fraction of sorting every column.
     """
     B, M = pre.shape
-    caps = capacities.to(pre.device).clamp(1, B)
+    device = pre.device
+    caps = capacities.to(device).clamp(1, B)
     depth = torch.clamp(2 ** torch.ceil(torch.log2(caps.double())).long(), max=B)
-    rows = pre.detach().t().contiguous()  # [M, B]: one topk along the contiguous dim per group
-    keep_t = torch.zeros(M, B, dtype=pre.dtype, device=pre.device)
+    rows = pre.detach().t().contiguous()  # [M, B]: the selections run along the contiguous dim
+    keep = torch.zeros(B, M, dtype=pre.dtype, device=device)
     batch_threshold = pre.new_zeros(M)
     for K in torch.unique(depth).tolist():
         cols = (depth == K).nonzero().squeeze(1)
-        whole = cols.numel() == M
-        block = rows if whole else rows.index_select(0, cols)
-        values, order = block.topk(int(K), dim=1)  # [n, K], largest first
-        cap = caps if whole else caps.index_select(0, cols)
-        kept = ((torch.arange(int(K), device=pre.device)[None, :] < cap[:, None]) & (values > 0)).to(pre.dtype)
-        block_keep = torch.zeros_like(block).scatter_(1, order, kept)
-        threshold = values.gather(1, (cap - 1)[:, None])[:, 0]
-        if whole:
-            keep_t, batch_threshold = block_keep, threshold
+        block = rows if cols.numel() == M else rows.index_select(0, cols)
+        if K == 1:  # capacity 1 (most features under Zipf capacities): the column's maximum
+            values, order = block.max(dim=1, keepdim=True)
         else:
-            keep_t.index_copy_(0, cols, block_keep)
-            batch_threshold.index_copy_(0, cols, threshold)
-    keep = keep_t.t().contiguous()
+            values, order = block.topk(int(K), dim=1)  # [n, K], largest first
+        cap = caps.index_select(0, cols)
+        kept = (torch.arange(int(K), device=device)[None, :] < cap[:, None]) & (values > 0)
+        # written straight into [B, M] at (token, feature): K entries per feature, all distinct
+        keep.index_put_((order.reshape(-1), cols.repeat_interleave(int(K))), kept.reshape(-1).to(pre.dtype))
+        batch_threshold.index_copy_(0, cols, values.gather(1, (cap - 1)[:, None])[:, 0])
     return (keep if as_float else keep.bool()), batch_threshold.clamp_min(0)
 
 

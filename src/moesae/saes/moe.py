@@ -206,19 +206,24 @@ def dispatch_experts(
         A, m, d = W.shape
         counts = torch.tensor(counts_host, device=device)
         sorted_experts = flat[order]
-        position = torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+        position = torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts).index_select(0, sorted_experts)
         if all_active:
             slot = sorted_experts
         else:
             slot_of_expert = torch.full((num_experts,), -1, dtype=torch.long, device=device)
             slot_of_expert[active_ids] = torch.arange(A, device=device)
-            slot = slot_of_expert[sorted_experts]
+            slot = slot_of_expert.index_select(0, sorted_experts)
+        row = slot * capacity + position  # padded row of each pair, in sorted order
         dest = torch.empty_like(order)
-        dest[order] = slot * capacity + position  # padded row of each pair, in (token, rank) order
+        dest.index_copy_(0, order, row)  # the same, in (token, rank) order
         # Under autocast the buffer is built in the matmul dtype (half the memory of fp32).
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
-        x_pairs = x.to(dtype).unsqueeze(1).expand(B, e, d).reshape(num_pairs, d)  # backward: a sum over e
-        padded = x.new_zeros(A * capacity, d, dtype=dtype).index_copy(0, dest, x_pairs).view(A, capacity, d)
+        # One gather builds the buffer: padded row r is token source[r] of x, or the zero row B
+        # (no zero-filled [A·C, d] buffer, no [B·e, d] copy of x to scatter from).
+        source = torch.full((A * capacity,), B, dtype=torch.long, device=device)
+        source.index_copy_(0, row, torch.div(order, e, rounding_mode="floor"))
+        x_rows = torch.cat([x.to(dtype), x.new_zeros(1, d, dtype=dtype)])  # backward: a sum per token
+        padded = x_rows.index_select(0, source).view(A, capacity, d)
         if fuse_bias:
             bias = expert_bias if all_active else expert_bias.index_select(0, active_ids)  # type: ignore[union-attr]
             out = torch.baddbmm(bias[:, None, :], padded, W.transpose(1, 2))
@@ -239,7 +244,7 @@ def dispatch_experts(
         pre_sorted = torch.cat(outs, 0)
         m = pre_sorted.shape[1]
         inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(num_pairs, device=device)
+        inverse.index_copy_(0, order, torch.arange(num_pairs, device=device))
         pre = pre_sorted.index_select(0, inverse).view(B, e, m)
     else:
         raise ValueError(f"invalid SAE config field 'dispatch': unknown mode {mode!r}")
@@ -322,7 +327,7 @@ class MoESAE(SAE):
             if omega is not None:
                 pre = scale_outputs(raw, omega_sel[:, :, None], low_dot_x[:, :, None])
             if bias is not None:
-                pre = pre + bias[experts].to(pre.dtype)
+                pre = pre + take(bias, experts).to(pre.dtype)
             candidate_idx, keep = select((torch.relu(pre) * gates[:, :, None].to(pre.dtype)).flatten(1))
             raw_kept = raw.flatten(1).gather(1, candidate_idx)
         ids = self._global_ids(candidate_idx, experts)

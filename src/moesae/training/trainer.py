@@ -44,7 +44,7 @@ class TrainingInterrupted(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 1200
     """Optimiser steps."""
     lr: float | None = None
     """Learning rate; None = 2e-4 / sqrt(M / 2^14)."""
@@ -55,7 +55,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     log_every: int = 50
     """Log loss / MSE / L0 / dead fraction every this many steps."""
-    checkpoint_every: int = 100
+    checkpoint_every: int = 400
     """Write a resumable checkpoint every this many steps (0 = only at the end)."""
     autocast: str = "auto"
     """bf16 autocast of the forward pass: auto (on CUDA only) | bf16 | off; weights stay fp32."""
@@ -105,6 +105,8 @@ class TrainingRun:
     history: list[dict] = field(default_factory=list)
     tokens_seen: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    """CPU time of this run's steps (thread time: what it costs on a shared or busy machine)."""
     parameters: list[torch.nn.Parameter] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -138,6 +140,7 @@ class TrainingRun:
             "history": self.history,
             "tokens_seen": self.tokens_seen,
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
             "config": self.sae.config_dict(),
         }
         with atomic_path(path) as tmp:
@@ -164,6 +167,7 @@ class TrainingRun:
         self.history = state["history"]
         self.tokens_seen = state["tokens_seen"]
         self.seconds = state["seconds"]
+        self.cpu_seconds = state.get("cpu_seconds", 0.0)
         return int(state["step"])
 
 
@@ -344,9 +348,10 @@ def _train_together(
             if step < s:
                 continue  # this run was further along; it already saw this batch
             log = step % r.config.log_every == 0 or step == total - 1
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             stats = train_step(r, x, step, log=log, dist=dist)
             r.seconds += time.perf_counter() - t0
+            r.cpu_seconds += time.thread_time() - c0
             if stats is not None:
                 r.history.append({"step": step, "tokens": r.tokens_seen, **stats})
             every = r.config.checkpoint_every
@@ -384,7 +389,7 @@ def _worker(
         _train_together(runs, batch_at, total, progress, stop_after)
         payload: Any = ("ok", [
             {"model": r.sae.state_dict(), "optimizer": r.optimizer.state_dict(), "history": r.history,
-             "tokens_seen": r.tokens_seen, "seconds": r.seconds}
+             "tokens_seen": r.tokens_seen, "seconds": r.seconds, "cpu_seconds": r.cpu_seconds}
             for r in runs
         ])
     except BaseException as exc:  # re-raised in the parent
@@ -463,6 +468,7 @@ def _train_in_workers(
             run.history = state["history"]
             run.tokens_seen = state["tokens_seen"]
             run.seconds = state["seconds"]
+            run.cpu_seconds = state["cpu_seconds"]
 
 
 def finish(run: TrainingRun, extra_log: dict | None = None) -> Path:
