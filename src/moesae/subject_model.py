@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .devices import check_device
 from .devices import resolve_device as _resolve_device
-from .io import atomic_write_json
+from .io import FILE_MODE, atomic_write_json
 from .params import load_params, section_to
 
 META_FILE = "subject.json"
@@ -60,7 +60,7 @@ class SubjectModelConfig:
     """``train``: a small GPT-2 trained here; ``pretrained``: ``name`` (HF id, folder or .gguf)."""
     name: str = "gpt2"
     """``source: pretrained``: a HF model id (local HF cache only), a model folder, or a ``.gguf``
-    file. Ignored when ``weights_package`` is set."""
+    file. With ``weights_package``: only the model's label in the results."""
     hook_layer: int = 2
     """Residual stream after this block (``blocks.<hook_layer>.hook_resid_post``)."""
     prepend_bos: bool | str = True
@@ -484,6 +484,8 @@ def save_subject_model(path: str | Path, model, tokenizer, meta: dict[str, Any])
             model.hf_quantizer = quantizer
     tokenizer.save(str(tmp / TOKENIZER_FILE))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    for file in tmp.iterdir():  # world-readable, as every artifact (moesae.io)
+        file.chmod(FILE_MODE)
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)
@@ -567,7 +569,26 @@ def _offline_hint(name: str) -> str:
             f"(or `huggingface-cli download {name}`), or use the offline default profile (`moesae profile default`).")
 
 
-def fetch_pretrained(name: str, gguf_file: str | None = None):
+@contextlib.contextmanager
+def _quiet_gguf(progress: bool):
+    """transformers' GGUF loader shows a raw tqdm bar (not behind its logging switch): off unless
+    ``progress``."""
+    if progress:
+        yield
+        return
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+def fetch_pretrained(name: str, gguf_file: str | None = None, progress: bool = True):
     """(model, tokenizer) of a causal LM: ``name`` a local folder or a HF id in the local HF cache,
     ``gguf_file`` a GGUF file in it. The tokenizer is the HF fast tokenizer (or, for a folder with
     only ``tokenizer.json``, a bare ``tokenizers.Tokenizer``). Fails at once, naming what is
@@ -604,7 +625,8 @@ def fetch_pretrained(name: str, gguf_file: str | None = None):
             raise RuntimeError("loading a .gguf subject model needs the 'gguf' package (pinned in requirements.lock: "
                                "run `bash scripts/ensure_env.sh`)") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        with _quiet_gguf(progress or not gguf_file):
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise RuntimeError(f"could not load '{name}'{f' ({gguf_file})' if gguf_file else ''} offline: {exc}. "
                            f"{'' if local.is_dir() else _offline_hint(name)}") from exc
@@ -771,17 +793,18 @@ def hook_throughput(sm: SubjectModel, tokens: Tensor, mask: Tensor, batch_size: 
     return float(mask.sum()) / max(time.perf_counter() - t0, 1e-9)
 
 
-def load_pretrained(cfg: SubjectModelConfig, device: str | None = None) -> tuple[SubjectModel, dict[str, Any]]:
+def load_pretrained(cfg: SubjectModelConfig, device: str | None = None,
+                    progress: bool = True) -> tuple[SubjectModel, dict[str, Any]]:
     """The ``source: pretrained`` subject model of ``cfg`` and where its weights came from."""
     where, gguf_file, weights = locate_weights(cfg)
-    model, hf_tokenizer = fetch_pretrained(where, gguf_file)
+    model, hf_tokenizer = fetch_pretrained(where, gguf_file, progress=progress)
     info = tokenizer_info(hf_tokenizer, cfg.bos_token)
     prepend = info.adds_bos if cfg.prepend_bos == "auto" else bool(cfg.prepend_bos)
     limit = max_positions(model.config)
     if limit is not None and cfg.context_length > limit:
         raise ValueError(f"'context_length' {cfg.context_length} exceeds the model's {limit} positions")
     if cfg.weights_package:
-        name = f"{cfg.weights_package}=={weights['version']}:{gguf_file}"
+        name = f"{cfg.name} ({cfg.weights_package}=={weights['version']}: {gguf_file})"
     else:
         name = cfg.name if not gguf_file or cfg.name.endswith(".gguf") else f"{cfg.name}:{gguf_file}"
     sm = SubjectModel(model, info.tokenizer, hook_layer=cfg.hook_layer, prepend_bos=prepend,
@@ -807,7 +830,7 @@ def build_subject_model(cfg: SubjectModelConfig, corpus_root: str | Path, out: s
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         t0 = time.perf_counter()
-        sm, weights = load_pretrained(cfg)
+        sm, weights = load_pretrained(cfg, progress=progress)
         load_seconds = time.perf_counter() - t0
         val_tokens, val_mask = _window_batch(sm, val_texts, cfg.val_windows)
         check = check_against_hf(sm, val_tokens[:2], val_mask[:2])
