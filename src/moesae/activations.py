@@ -642,10 +642,10 @@ def build_activations(cfg: ActivationsConfig, corpus_root: str | Path, model_dir
     model_dir = Path(model_dir)
     sm = load_subject_model(model_dir, device=str(resolve_device(cfg.device, "activations.device")))
     for split in cfg.max_tokens:
-        if cfg.context_for(split) > sm.model.config.n_positions:
+        if sm.max_positions is not None and cfg.context_for(split) > sm.max_positions:
             key = f"context_length_by_split.{split}" if split in cfg.context_length_by_split else "context_length"
             raise ValueError(f"'activations.{key}' {cfg.context_for(split)} exceeds the subject model's "
-                             f"{sm.model.config.n_positions} positions")
+                             f"{sm.max_positions} positions")
     fingerprint = _model_fingerprint(model_dir)
     texts = {split: _Texts(load_split(corpus_root, split)) for split in cfg.max_tokens}
     plans: dict[str, SplitPlan] = {}

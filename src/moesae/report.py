@@ -294,8 +294,9 @@ def build_report(root: str | Path = ".", out: str | Path | None = None, results_
         t1_link = f' <a href="{esc(href)}">Notebook</a>.'
     scale_note = ("" if profile == "paper" else
                   f"<p class=\"note\">This run uses the <b>{esc(profile)}</b> profile: a different subject model and a much "
-                  "smaller scale than the paper. The paper's numbers are shown for reference only; whether a claim "
-                  "each verdict is judged on this run's own numbers (the direction of each effect, against its seed-to-seed spread).</p>")
+                  "smaller scale than the paper (docs/" + ("real_profile.md" if profile == "real" else "method.md") +
+                  " says what differs). The paper's numbers are shown for reference only; each verdict is judged on "
+                  "this run's own numbers (the direction of each effect, against its seed-to-seed spread).</p>")
     generated = datetime.now(timezone.utc).isoformat(timespec="seconds")
     browser_index = reports / "features" / "index.html"
     browser_link = ""
