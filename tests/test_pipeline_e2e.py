@@ -21,7 +21,9 @@ CONTRACT_COLUMNS = [
 def test_every_variant_has_every_metric(micro_results):
     params = yaml.safe_load((micro_results / "params.yaml").read_text())
     metrics = pd.read_csv(micro_results / "results" / "metrics.csv")
-    assert sorted(metrics["variant"]) == sorted(params["variants"])
+    from moesae.grid import study_variants
+
+    assert sorted(metrics["variant"]) == sorted(study_variants(params))
     assert [c for c in CONTRACT_COLUMNS if c not in metrics.columns] == []
     always = ["mse_heldout", "fvu_heldout", "l0_heldout", "mse_cross", "loss_recovered_zero_heldout",
               "loss_recovered_zero_cross", "redundancy_0.8", "flops_per_token", "params", "train_tokens_per_s"]
