@@ -219,3 +219,16 @@ def test_autointerp_counts_and_browser_link_are_shown_escaped(run):
     assert "switch_n32_k8&lt;script&gt;" in page and "<script>" not in page and "&lt;b&gt;m&lt;/b&gt;" in page
     assert "4.0%" in page and ">59<" in page
     assert 'href="features/index.html"' in page
+
+
+def test_table1_has_the_core_metrics():
+    import pandas as pd
+
+    from moesae import results
+
+    m = pd.DataFrame([{"variant": "t_k8", "family": "t", "architecture": "topk", "num_latents": 64, "k": 8, "seed": 0,
+                       "mse_heldout": 1.0, "explained_variance_heldout": 0.9, "l2_ratio_heldout": 0.95,
+                       "kl_div_score_cross": 0.8, "freq_over_10_percent": 0.01}])
+    table = results.table1(m)
+    assert {"explained var.", "L2 ratio", "KL score (cross)", "dense >10%"} <= set(table.columns)
+    assert table["explained var."].iloc[0] == 0.9

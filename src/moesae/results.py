@@ -495,6 +495,9 @@ TABLE1_COLUMNS = [
     ("l0_heldout", "L0"), ("mse_heldout", "MSE"), ("fvu_heldout", "FVU"), ("loss_recovered_zero_heldout", "loss rec."),
     ("mse_cross", "MSE (cross)"), ("loss_recovered_zero_cross", "loss rec. (cross)"),
     ("dead_fraction", "dead"), ("redundancy_0.8", "redundancy 0.8"),
+    # SAEBench core metrics (docs/evaluation.md)
+    ("explained_variance_heldout", "explained var."), ("l2_ratio_heldout", "L2 ratio"),
+    ("kl_div_score_cross", "KL score (cross)"), ("freq_over_10_percent", "dense >10%"),
 ]
 TABLE1_TEXT = ["family", "configuration", "architecture", "scaling"]
 TABLE1_INTEGERS = {"N", "e", "M", "k", "parameters", "FLOPs/token", "train tokens/s", "seeds"}
