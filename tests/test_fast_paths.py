@@ -524,3 +524,48 @@ def test_auxk_select_equals_the_masked_topk():
         masked = torch.where(dead[None, :], pre, torch.full_like(pre, -torch.inf))
         ref = masked.topk(min(16, int(dead.sum())), dim=-1).indices
         assert torch.equal(ids.sort(1).values, ref.sort(1).values)
+
+
+def test_flat_kept_dot_and_decode_equal_the_padded_forms():
+    """A variable count per token, flat (offsets), gives the padded computation's values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    B, M, d = 6, 20, 5
+    counts = torch.tensor([3, 0, 1, 4, 2, 2])
+    columns = torch.cat([torch.randperm(M, generator=g)[:c] for c in counts.tolist()])
+    offsets = torch.cumsum(counts, 0) - counts
+    width = int(counts.max())
+    padded = torch.zeros(B, width, dtype=torch.long)
+    keep = torch.arange(width)[None, :] < counts[:, None]
+    padded[keep] = columns
+    x = torch.randn(B, d, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(M, d, generator=g, dtype=torch.float64, requires_grad=True)
+    W_dec = torch.randn(M, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(d, dtype=torch.float64)
+    flat = sparse_decode(torch.relu(kept_dot(x, W, columns, offsets=offsets)), columns, W_dec, b, offsets)
+    ref = sparse_decode(torch.relu(kept_dot(x, W, padded)) * keep, padded, W_dec, b)
+    torch.testing.assert_close(flat, ref)
+    target = torch.randn(B, d, generator=g, dtype=torch.float64)
+    for a, r in zip(torch.autograd.grad((flat * target).sum(), (x, W, W_dec)),
+                    torch.autograd.grad((ref * target).sum(), (x, W, W_dec))):
+        torch.testing.assert_close(a, r)
+    assert torch.autograd.gradcheck(lambda a, w: kept_dot(a, w, columns, offsets=offsets), (x, W))
+
+
+def test_family_benchmark_runs_on_one_small_family(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "throughput", throughput)
+    spec.loader.exec_module(throughput)
+    monkeypatch.chdir(ROOT)  # the default profile is read from profiles/
+    out = tmp_path / "families.json"
+    result = throughput.main(["--device", "cpu", "--families", "switch_n32_moex", "--steps", "3", "--batch-size", "64",
+                              "--workers", "2", "--threads", "1", "--allocator", "default", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["mode"] == "families" and saved["workers"] == 2 and saved["threads"] == 1
+    (family,) = saved["families"]
+    assert family["family"] == "switch_n32_moex" and family["variants"] == len(family["rows"]) >= 1
+    assert family["ms_per_sae_step"] > 0 and family["cpu_ms_per_sae_step"] > 0
+    assert all(r["cpu_ms_per_step"] > 0 and r["tokens_per_cpu_s"] > 0 for r in family["rows"])
+    assert result["summary"]["sae_steps"] == 3 * family["variants"]
+    with pytest.raises(SystemExit, match="no family"):
+        throughput.main(["--device", "cpu", "--families", "nope", "--out", str(out)])
