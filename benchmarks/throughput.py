@@ -477,6 +477,84 @@ def run_families(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _without_options(argv: list[str], names: dict[str, bool]) -> list[str]:
+    """``argv`` without the options in ``names`` (name → takes a value)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in names:
+            skip = names[name] and "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def compare_families(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """``--compare-with OLD_SRC``: each family timed with the old code (``PYTHONPATH=OLD_SRC``,
+    one process, ``--before-threads``) and then with this checkout's (``--workers``/``--threads``),
+    alternately, family by family, so that a busy machine's load drifts into both alike. Writes
+    ``<out>`` with both runs and the ratios."""
+    import subprocess
+    import tempfile
+
+    base = _without_options(argv, {"--compare-with": True, "--before-threads": True, "--out": True, "--families": True,
+                                   "--workers": True, "--threads": True, "--label": True})
+    import moesae
+
+    here = str(Path(moesae.__file__).resolve().parents[1])  # the src/ this process imports
+    if args.families == "all":
+        from moesae.grid import study_variants
+
+        import moesae.saes  # noqa: F401
+
+        wanted = list(dict.fromkeys(v["family"] for v in study_variants(default_profile_params()).values()))
+    else:
+        wanted = [f for f in args.families.split(",") if f]
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
+    headers: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in wanted:
+            for label, src, extra in (
+                ("before", args.compare_with, ["--workers", "1"] + (["--threads", str(args.before_threads)] if args.before_threads else [])),
+                ("after", here, ["--workers", str(args.workers)] + (["--threads", str(args.threads)] if args.threads else [])),
+            ):
+                out = Path(tmp) / f"{label}.json"
+                env = {**os.environ, "PYTHONPATH": src}
+                subprocess.run([sys.executable, str(Path(__file__).resolve()), *base, "--families", family, *extra,
+                                "--label", label, "--out", str(out)], env=env, check=True)
+                result = json.loads(out.read_text())
+                runs[label] += result["families"]
+                headers[label] = {k: v for k, v in result.items() if k not in ("families", "summary")}
+    summary = {}
+    for label, families in runs.items():
+        steps = sum(f["steps"] * f["variants"] for f in families)
+        wall, cpu = sum(f["wall_seconds"] for f in families), sum(f["cpu_seconds"] for f in families)
+        alone = [r for f in families for r in f["rows"]]
+        summary[label] = {"sae_steps": steps, "wall_seconds": wall, "ms_per_sae_step": 1000 * wall / steps,
+                          "cpu_ms_per_sae_step": 1000 * cpu / steps,
+                          "alone_cpu_ms_per_sae_step": sum(r["cpu_ms_per_step"] for r in alone) / max(1, len(alone))}
+    b, a = summary["before"], summary["after"]
+    result = {
+        "mode": "families-compare", "before_src": args.compare_with, "before": headers["before"], "after": headers["after"],
+        "families": {"before": runs["before"], "after": runs["after"]}, "summary": summary,
+        "speedup": {"family_wall": b["ms_per_sae_step"] / a["ms_per_sae_step"],
+                    "family_cpu": b["cpu_ms_per_sae_step"] / a["cpu_ms_per_sae_step"],
+                    "alone_cpu_one_thread": b["alone_cpu_ms_per_sae_step"] / a["alone_cpu_ms_per_sae_step"]},
+    }
+    print(f"before: {b['ms_per_sae_step']:.2f} ms/SAE-step wall ({b['cpu_ms_per_sae_step']:.2f} CPU; alone "
+          f"{b['alone_cpu_ms_per_sae_step']:.2f} CPU, 1 thread)  after: {a['ms_per_sae_step']:.2f} wall "
+          f"({a['cpu_ms_per_sae_step']:.2f} CPU; alone {a['alone_cpu_ms_per_sae_step']:.2f})  speedup "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup"].items()))
+    out = Path(args.out) if args.out else RESULTS_DIR / "families_compare.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
 def parse_size(text: str) -> Size:
     if text in SIZES:
         return SIZES[text]
@@ -512,6 +590,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--label", default="", help="--families: a label stored in the JSON (e.g. before / after)")
     p.add_argument("--no-per-sae", dest="per_sae", action="store_false",
                    help="--families: skip timing each variant alone (one thread)")
+    p.add_argument("--compare-with", default=None, metavar="OLD_SRC",
+                   help="--families: also time an older checkout's src/ (e.g. a `git worktree` of the commit before), "
+                        "family by family, alternating with this one")
+    p.add_argument("--before-threads", type=int, default=None,
+                   help="--compare-with: torch threads of the old code's one process (default: torch's)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.device == "auto":
@@ -540,6 +623,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.families:
         if args.device != "cpu":
             raise SystemExit("--families: the train stage trains on CPU; use --device cpu")
+        if args.compare_with:
+            return compare_families(args, argv or [])
         result = run_families(args)
         s = result["summary"]
         print(f"all: {s['sae_steps']} SAE-steps in {s['wall_seconds']:.1f} s = {s['ms_per_sae_step']:.2f} ms per SAE-step "
