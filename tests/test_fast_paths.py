@@ -524,3 +524,23 @@ def test_auxk_select_equals_the_masked_topk():
         masked = torch.where(dead[None, :], pre, torch.full_like(pre, -torch.inf))
         ref = masked.topk(min(16, int(dead.sum())), dim=-1).indices
         assert torch.equal(ids.sort(1).values, ref.sort(1).values)
+
+
+def test_family_benchmark_runs_on_one_small_family(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "throughput", throughput)
+    spec.loader.exec_module(throughput)
+    monkeypatch.chdir(ROOT)  # the default profile is read from profiles/
+    out = tmp_path / "families.json"
+    result = throughput.main(["--device", "cpu", "--families", "switch_n32_moex", "--steps", "3", "--batch-size", "64",
+                              "--workers", "2", "--threads", "1", "--allocator", "default", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["mode"] == "families" and saved["workers"] == 2 and saved["threads"] == 1
+    (family,) = saved["families"]
+    assert family["family"] == "switch_n32_moex" and family["variants"] == len(family["rows"]) >= 1
+    assert family["ms_per_sae_step"] > 0 and family["cpu_ms_per_sae_step"] > 0
+    assert all(r["cpu_ms_per_step"] > 0 and r["tokens_per_cpu_s"] > 0 for r in family["rows"])
+    assert result["summary"]["sae_steps"] == 3 * family["variants"]
+    with pytest.raises(SystemExit, match="no family"):
+        throughput.main(["--device", "cpu", "--families", "nope", "--out", str(out)])
