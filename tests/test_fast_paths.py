@@ -526,6 +526,31 @@ def test_auxk_select_equals_the_masked_topk():
         assert torch.equal(ids.sort(1).values, ref.sort(1).values)
 
 
+def test_flat_kept_dot_and_decode_equal_the_padded_forms():
+    """A variable count per token, flat (offsets), gives the padded computation's values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    B, M, d = 6, 20, 5
+    counts = torch.tensor([3, 0, 1, 4, 2, 2])
+    columns = torch.cat([torch.randperm(M, generator=g)[:c] for c in counts.tolist()])
+    offsets = torch.cumsum(counts, 0) - counts
+    width = int(counts.max())
+    padded = torch.zeros(B, width, dtype=torch.long)
+    keep = torch.arange(width)[None, :] < counts[:, None]
+    padded[keep] = columns
+    x = torch.randn(B, d, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(M, d, generator=g, dtype=torch.float64, requires_grad=True)
+    W_dec = torch.randn(M, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(d, dtype=torch.float64)
+    flat = sparse_decode(torch.relu(kept_dot(x, W, columns, offsets=offsets)), columns, W_dec, b, offsets)
+    ref = sparse_decode(torch.relu(kept_dot(x, W, padded)) * keep, padded, W_dec, b)
+    torch.testing.assert_close(flat, ref)
+    target = torch.randn(B, d, generator=g, dtype=torch.float64)
+    for a, r in zip(torch.autograd.grad((flat * target).sum(), (x, W, W_dec)),
+                    torch.autograd.grad((ref * target).sum(), (x, W, W_dec))):
+        torch.testing.assert_close(a, r)
+    assert torch.autograd.gradcheck(lambda a, w: kept_dot(a, w, columns, offsets=offsets), (x, W))
+
+
 def test_family_benchmark_runs_on_one_small_family(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
     throughput = importlib.util.module_from_spec(spec)

@@ -117,13 +117,15 @@ def reconstruction_mse(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x - x_hat).pow(2).sum(-1).mean()
 
 
-def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, offsets: Tensor | None = None) -> Tensor:
     """``Σ_j values[:, j] · W_dec[indices[:, j]] + b_dec`` without materialising ``[batch, M]``.
 
     ``embedding_bag`` gathers only the k decoder rows per token and its backward touches only
-    those rows, so decoding costs k·d per token instead of M·d.
+    those rows, so decoding costs k·d per token instead of M·d. With ``offsets`` ``[B]`` the code
+    is flat instead (``values``, ``indices`` 1-D, token t's entries from ``offsets[t]`` on): a
+    variable count per token without padding.
     """
-    out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    out = F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum")
     return out + b_dec
 
 
@@ -141,15 +143,19 @@ class _KeptDot(torch.autograd.Function):
     """``out[t, j] = W[indices[t, j]] · x[t]`` with a backward that touches only the kept rows."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, indices: Tensor, values: Tensor | None) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, W, indices)
+    def forward(ctx, x: Tensor, W: Tensor, indices: Tensor, values: Tensor | None,  # type: ignore[override]
+                offsets: Tensor | None = None) -> Tensor:
+        ctx.save_for_backward(x, W, indices, offsets)
         if values is not None:  # already computed by the forward's no-grad encoder pass
             return values.detach().clone()
+        if offsets is not None:
+            rows = torch.repeat_interleave(torch.diff(offsets, append=offsets.new_tensor([indices.numel()])))
+            return (W.index_select(0, indices) * x.to(W.dtype).index_select(0, rows)).sum(-1)
         return torch.einsum("bkd,bd->bk", W[indices], x.to(W.dtype))
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, W, indices = ctx.saved_tensors
+        x, W, indices, offsets = ctx.saved_tensors
         need_x, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad = grad.to(W.dtype).contiguous()
         grad_x = grad_W = None
@@ -158,15 +164,15 @@ class _KeptDot(torch.autograd.Function):
         # gradient for the upstream gradient x: k·d work per token instead of M·d (or e·m·d).
         with torch.enable_grad():
             weight = W.detach().requires_grad_(need_W)
-            gx = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum")
+            gx = F.embedding_bag(indices, weight, offsets, per_sample_weights=grad, mode="sum")
         if need_W:
             (grad_W,) = torch.autograd.grad(gx, weight, x.to(gx.dtype))
         if need_x:
             grad_x = gx.detach().to(x.dtype)
-        return grad_x, grad_W, None, None
+        return grad_x, grad_W, None, None, None
 
 
-def kept_dot(x: Tensor, W: Tensor, indices: Tensor, values: Tensor | None = None) -> Tensor:
+def kept_dot(x: Tensor, W: Tensor, indices: Tensor, values: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
     """``[B, k]`` encoder dot products ``W[indices[t, j]] · x[t]`` of the kept latents only.
 
     The sparse backward of TopK-style encoders (issue #7): the forward selects latents from
@@ -174,9 +180,11 @@ def kept_dot(x: Tensor, W: Tensor, indices: Tensor, values: Tensor | None = None
     backward costs k·d per token (``embedding_bag``-style gathers and scatters) instead of the
     dense matmul's M·d. Pass ``values`` (the same dot products from the no-grad pass) to skip
     recomputing them. Gradients flow to ``x`` ``[B, d]`` and ``W`` ``[M, d]`` (a view of a
-    parameter is fine); ``indices`` ``[B, k]`` index rows of ``W``.
+    parameter is fine); ``indices`` ``[B, k]`` index rows of ``W``. With ``offsets`` ``[B]`` the
+    kept latents are flat instead (``indices`` 1-D, token t's from ``offsets[t]`` on; a variable
+    count per token without padding) and so is the result.
     """
-    return _KeptDot.apply(x, W, indices, values)
+    return _KeptDot.apply(x, W, indices, values, offsets)
 
 
 def geometric_median(points: Tensor, iterations: int = 100, eps: float = 1e-6) -> Tensor:

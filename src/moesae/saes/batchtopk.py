@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import SAEOutput, _check, geometric_median
+from .base import SAEOutput, _check, geometric_median, kept_dot, reconstruction_mse, sparse_decode, take
 from .registry import register
 from .topk import TopKConfig, TopKSAE
 
@@ -70,6 +70,33 @@ def update_threshold(threshold: Tensor, kept_values: Tensor, decay: float) -> No
         threshold.mul_(decay).add_((1 - decay) * smallest)
 
 
+@dataclass
+class FlatCode:
+    """A code with a variable count per token, flat: entry p is (row ``rows[p]``, column
+    ``columns[p]``), sorted by row then column; token t's entries start at ``offsets[t]``.
+    ``padded`` / ``keep`` / ``slot``: the same code as ``[B, width]`` columns padded with distinct
+    unkept ones, its mask, and each entry's place in its row (see :func:`rows_of_positions`)."""
+
+    positions: Tensor
+    rows: Tensor
+    columns: Tensor
+    offsets: Tensor
+    padded: Tensor
+    keep: Tensor
+    slot: Tensor
+
+    def to_padded(self, values: Tensor) -> Tensor:
+        """Flat ``values`` ``[n]`` as ``[B, width]`` rows matching ``padded`` (zeros on the padding)."""
+        return values.new_zeros(self.padded.shape).index_put((self.rows, self.slot), values)
+
+
+def flat_code(positions: Tensor, shape: tuple[int, int]) -> FlatCode:
+    """:class:`FlatCode` of flat positions into a ``[B, W]`` matrix."""
+    padded, keep, (positions, rows, slot, counts) = _rows_of_positions(positions, shape)
+    offsets = torch.cumsum(counts, 0) - counts
+    return FlatCode(positions, rows, positions - rows * shape[1], offsets, padded, keep, slot)
+
+
 def rows_of_positions(positions: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Flat positions in a ``[B, W]`` matrix as per-row columns ``[B, width]`` and the mask of the
     real ones: row b holds its positions in column order, then padding (mask False).
@@ -77,6 +104,11 @@ def rows_of_positions(positions: Tensor, shape: tuple[int, int]) -> tuple[Tensor
     The padding of a row is made of distinct columns the row did not keep (the lowest-numbered
     ones), so a padded code scatters into ``[B, W]`` without two entries on one column.
     """
+    padded, keep, _ = _rows_of_positions(positions, shape)
+    return padded, keep
+
+
+def _rows_of_positions(positions: Tensor, shape: tuple[int, int]):
     B, W = shape
     device = positions.device
     positions = positions.sort().values
@@ -95,7 +127,7 @@ def rows_of_positions(positions: Tensor, shape: tuple[int, int]) -> tuple[Tensor
     pad_rows, pad_cols = (free & (rank < (width - counts)[:, None])).nonzero(as_tuple=True)
     out.index_put_((pad_rows, counts.index_select(0, pad_rows) + rank[pad_rows, pad_cols]), pad_cols)
     keep = torch.arange(width, device=device)[None, :] < counts[:, None]
-    return out, keep
+    return out, keep, (positions, rows, slot, counts)
 
 
 @torch.no_grad()
@@ -150,5 +182,21 @@ class BatchTopKSAE(TopKSAE):
         cfg: BatchTopKConfig = self.cfg  # type: ignore[assignment]
         x_c = x - self.b_dec
         raw, pre = self.selection_preactivations(x_c)
-        indices, kept = select_batch_topk(pre, cfg.k, self.threshold, cfg.threshold_decay, self.training)
-        return self.sparse_output(x, x_c, indices, raw, pre, kept)
+        if not self.training:
+            indices, kept = select_batch_topk(pre, cfg.k, self.threshold, cfg.threshold_decay, False)
+            return self.sparse_output(x, x_c, indices, raw, pre, kept)
+        # Training: the k·B kept entries stay flat (embedding_bag bags of variable size), so the
+        # sparse paths do k·B entries of work, not B × the largest count in the batch.
+        with torch.no_grad():
+            positions, values = batch_topk(pre, cfg.k * x.shape[0])
+            update_threshold(self.threshold, values, cfg.threshold_decay)
+            code = flat_code(positions, tuple(pre.shape))
+        dots = kept_dot(x_c, self.W_enc, code.columns, raw.reshape(-1).index_select(0, code.positions), code.offsets)
+        kept_values = torch.relu(dots + take(self.b_enc, code.columns))
+        x_hat = sparse_decode(kept_values, code.columns, self.W_dec, self.b_dec, code.offsets)
+        losses = {"mse": reconstruction_mse(x, x_hat)}
+        if cfg.aux_coefficient > 0:
+            losses["auxk"] = self.aux_loss(
+                x, x_hat, pre, self.dead_mask(), values_of=lambda ids: self.kept_values(x_c, ids, raw)
+            )
+        return SAEOutput(x_hat=x_hat, losses=losses, top_values=code.to_padded(kept_values), top_indices=code.padded)
