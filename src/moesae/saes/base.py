@@ -87,7 +87,8 @@ class SAEOutput:
     latents: Tensor | None = None
     """Dense code ``[batch, M]`` for architectures without a fixed-k sparse form."""
     extras: dict[str, Tensor] = field(default_factory=dict)
-    """Architecture-specific tensors for metrics (router probabilities, selected experts...)."""
+    """Architecture-specific tensors for metrics (router probabilities, selected experts...);
+    ``fired`` (bool ``[M]``, optional): the latents non-zero for some token of the batch."""
 
     @property
     def loss(self) -> Tensor:
@@ -294,6 +295,8 @@ class SAE(nn.Module):
         if out.top_indices is not None and out.top_values is not None:
             # sparse codes: touch only the k fired ids per token, no [batch, M] mask
             self.tokens_since_fired[out.top_indices[out.top_values != 0]] = 0
+        elif "fired" in out.extras:  # the forward already knew which latents fired (bool [M])
+            self.tokens_since_fired.masked_fill_(out.extras["fired"], 0)
         elif out.latents is not None:
             # a latent fired iff max |z| over the batch > 0 (abs + amax: faster than != 0 then any)
             self.tokens_since_fired.masked_fill_(out.latents.detach().abs().amax(0) > 0, 0)

@@ -163,4 +163,5 @@ class FeatureChoiceSAE(TopKSAE):
         losses = {"mse": reconstruction_mse(x, x_hat)}
         if self.training and cfg.aux_coefficient > 0:
             losses["aux_zipf"] = self.aux_loss(x, x_hat, pre, self.under_firing())
-        return SAEOutput(x_hat=x_hat, losses=losses, latents=z)
+        # z ≥ 0: a latent fired on the batch iff its column maximum is > 0 (one pass, no abs)
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=z, extras={"fired": z.detach().amax(0) > 0})

@@ -62,4 +62,5 @@ class GatedSAE(CoefficientSparsitySAE):
             losses["aux_gate"] = reconstruction_mse(x, x_gate)
         if self.training and self.calibrating():
             self.calibrate(gate_open.sum() / x.shape[0])
-        return SAEOutput(x_hat=x_hat, losses=losses, latents=z)
+        # z ≥ 0: a latent fired on the batch iff its column maximum is > 0 (one pass, no abs)
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=z, extras={"fired": z.detach().amax(0) > 0})

@@ -146,4 +146,5 @@ class JumpReLUSAE(CoefficientSparsitySAE):
         losses["l0"] = self.sparsity_coefficient() * self.input_scale**2 * l0
         if self.training and self.calibrating():
             self.calibrate(l0.detach())
-        return SAEOutput(x_hat=x_hat, losses=losses, latents=z)
+        # z ≥ 0: a latent fired on the batch iff its column maximum is > 0 (one pass, no abs)
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=z, extras={"fired": z.detach().amax(0) > 0})

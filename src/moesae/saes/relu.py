@@ -40,11 +40,12 @@ from .base import SAE, SAEConfig, SAEOutput, _check, geometric_median, reconstru
 from .registry import register
 
 
-def weighted_code_sum(z: Tensor, weights: Tensor) -> Tensor:
+def weighted_code_sum(z: Tensor, weights: Tensor, column_sums: Tensor | None = None) -> Tensor:
     """Batch mean of ``Σ_j z[:, j] · weights[j]`` (``(z * weights).sum(1).mean()``), computed as
     ``z.sum(0) · weights / B``: one column reduction over ``[B, M]``, and a backward that is a
-    broadcast instead of two more ``[B, M]`` passes."""
-    return torch.dot(z.sum(0), weights.to(z.dtype)) / z.shape[0]
+    broadcast instead of two more ``[B, M]`` passes. ``column_sums``: ``z.sum(0)`` if at hand."""
+    sums = z.sum(0) if column_sums is None else column_sums
+    return torch.dot(sums, weights.to(z.dtype)) / z.shape[0]
 
 
 def float_mask(compare, a: Tensor, b: Tensor | float) -> Tensor:
@@ -179,7 +180,8 @@ class ReLUSAE(CoefficientSparsitySAE):
         z = torch.relu(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T))
         x_hat = torch.addmm(self.b_dec, z, self.W_dec)
         losses = {"mse": reconstruction_mse(x, x_hat)}
-        losses["l1"] = self.sparsity_coefficient() * self.input_scale * weighted_code_sum(z, self.decoder_norms())
+        column_sums = z.sum(0)  # z ≥ 0: a latent fired on the batch iff its column sum is > 0
+        losses["l1"] = self.sparsity_coefficient() * self.input_scale * weighted_code_sum(z, self.decoder_norms(), column_sums)
         if self.training and self.calibrating():
             self.calibrate(batch_l0(z))
-        return SAEOutput(x_hat=x_hat, losses=losses, latents=z)
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=z, extras={"fired": column_sums.detach() > 0})
