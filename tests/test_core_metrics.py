@@ -241,3 +241,34 @@ def test_subject_model_logits_match_its_loss():
         assert logits.shape == (int(valid.sum()), subject.vocab_size)
         assert float(ce) == pytest.approx(float(subject.loss_after_hook(tokens, mask, resid)), rel=1e-6)
         assert float(ce) == pytest.approx(float(subject.clean_loss(tokens, mask)), rel=1e-5)
+
+
+def _without_timing(result):
+    return {k: v for k, v in result.items() if k != "eval_seconds"}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), key
+
+
+def test_a_stage_cache_of_the_sae_independent_runs_changes_no_result(world, monkeypatch):
+    """The evaluate stage computes the clean, zero- and mean-ablation runs and the probe residuals
+    once and reuses them for every SAE: each SAE's metrics equal a fresh evaluation, bit for bit,
+    also when the clean distribution is too large to keep and is recomputed per SAE."""
+    subject, readers, texts = world
+    saes = [_trained_topk(readers["heldout"].data), _identity_sae(), _bias_only_sae(torch.zeros(8))]
+    fresh = [ev.evaluate_sae(s, subject, readers["heldout"], readers["cross"], texts, _cfg()) for s in saes]
+    cache: dict = {}
+    cached = [ev.evaluate_sae(s, subject, readers["heldout"], readers["cross"], texts, _cfg(), cache=cache) for s in saes]
+    assert {key[0] for key in cache} == {"loss_baseline", "probe"}
+    for a, b in zip(fresh, cached):
+        _same(_without_timing(a), _without_timing(b))
+    monkeypatch.setattr(ev, "P_CLEAN_CACHE_BYTES", 0)  # a vocabulary too large to keep its clean distribution
+    small: dict = {}
+    recomputed = [ev.evaluate_sae(s, subject, readers["heldout"], readers["cross"], texts, _cfg(), cache=small) for s in saes]
+    assert all(b["p_clean"] is None for b in small[("loss_baseline", "heldout")][1])
+    for a, b in zip(fresh, recomputed):
+        _same(_without_timing(a), _without_timing(b))

@@ -298,45 +298,40 @@ def logits_after_hook_fn(subject) -> Callable[[Tensor, Tensor, Tensor], Tensor] 
     return own if callable(own) else None
 
 
+P_CLEAN_CACHE_BYTES = 256 * 2**20
+"""Largest clean next-token distribution (per loss batch) :func:`loss_baseline` keeps for the
+KL of every SAE; above it (a large vocabulary) the clean logits are recomputed per SAE instead."""
+
+
 @torch.no_grad()
-def loss_recovered_pass(sae, subject: SubjectModelLike, texts: Sequence[str], mean_activation: Tensor,
-                        cfg: EvaluateConfig, split: str, progress: bool = False) -> dict[str, float]:
-    """Loss recovered with zero and mean ablation over ``loss_batches`` batches of documents, and
-    from the same forward passes the SAEBench scores: KL(clean ‖ spliced) with the SAE and with
-    zero ablation, ``kl_div_score`` and ``ce_loss_score`` (token averages over the positions whose
-    residual was replaced, so BOS is left out unless ``splice_bos``, as SAEBench skips special
-    tokens). Per batch: the clean run and the three splices after the hook, nothing more."""
-    device = next(sae.parameters()).device
+def loss_baseline(subject: SubjectModelLike, texts: Sequence[str], mean_activation: Tensor, cfg: EvaluateConfig,
+                  split: str) -> list[dict[str, Any]]:
+    """What loss recovered needs that does not depend on the SAE, per batch of documents: the
+    tokens, the hook's residual and the positions replaced, and the clean, zero-ablation and
+    mean-ablation runs (cross-entropies, KL of zero ablation, the clean distribution).
+
+    Computed once per evaluate stage and reused for every SAE of the family: three of the four
+    runs after the hook per batch, plus the runs up to it, are the same for every SAE."""
     docs = _non_empty(texts)[: cfg.loss_batches * cfg.loss_batch_sequences]
     if not docs:
         raise ValueError(f"the '{split}' corpus split has no non-empty text for loss recovered; re-run `moesae corpus`")
-    per_batch: dict[str, list[float]] = {key: [] for key in ("clean", "recon", "zero", "mean", "lr_zero", "lr_mean")}
-    sums = {key: 0.0 for key in ("ce_clean", "ce_recon", "ce_zero", "kl_recon", "kl_zero")}
-    scored = 0  # positions entering the SAEBench token averages
     logits_fn = logits_after_hook_fn(subject)
-    batches = [docs[i : i + cfg.loss_batch_sequences] for i in range(0, len(docs), cfg.loss_batch_sequences)]
-    for batch in tqdm(batches, disable=not progress, desc=f"loss {split}", unit="batch"):
-        tokens, mask = subject.encode_texts(batch)
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(docs), cfg.loss_batch_sequences):
+        tokens, mask = subject.encode_texts(docs[start : start + cfg.loss_batch_sequences])
         resid = subject.hook_activations(tokens, mask)
         replace = mask.to(resid.device).bool().clone()
         if getattr(subject, "prepend_bos", False) and not cfg.splice_bos:
             replace[:, 0] = False
         if not replace.any():
             continue
-        x = resid[replace].to(device=device, dtype=torch.float32)
-        x_hat = sae(x).x_hat
-        _check_finite("reconstruction", x_hat, split)
-
-        def spliced(values: Tensor) -> Tensor:
-            out = resid.clone()
-            out[replace] = values.to(device=resid.device, dtype=resid.dtype)
-            return out
-
-        variants = {"recon": spliced(x_hat), "zero": spliced(torch.zeros_like(x)),
-                    "mean": spliced(mean_activation.to(x).expand_as(x))}
+        x = resid[replace].to(dtype=torch.float32)
+        batch: dict[str, Any] = {"tokens": tokens, "mask": mask, "resid": resid, "replace": replace, "x": x}
+        ablations = {"zero": _spliced(resid, replace, torch.zeros_like(x)),
+                     "mean": _spliced(resid, replace, mean_activation.to(x).expand_as(x))}
         if logits_fn is None:
-            ce = {"clean": float(subject.clean_loss(tokens, mask))}
-            ce.update({key: float(subject.loss_after_hook(tokens, mask, r)) for key, r in variants.items()})
+            batch["ce"] = {"clean": float(subject.clean_loss(tokens, mask))}
+            batch["ce"].update({key: float(subject.loss_after_hook(tokens, mask, r)) for key, r in ablations.items()})
         else:
             mask_d = mask.bool()
             valid = mask_d[:, 1:] & mask_d[:, :-1]
@@ -350,27 +345,76 @@ def loss_recovered_pass(sae, subject: SubjectModelLike, texts: Sequence[str], me
             p_clean = log_p.exp()
             neg_entropy = (p_clean * log_p).sum(-1)
             token_ce = {"clean": torch.nn.functional.nll_loss(log_p, targets, reduction="none")}
-            kl: dict[str, Tensor] = {}
-            for key, r in variants.items():
+            kl_zero = None
+            for key, r in ablations.items():
                 log_q = torch.log_softmax(logits_fn(tokens, mask, r), dim=-1)  # cross-entropy = its NLL
                 token_ce[key] = torch.nn.functional.nll_loss(log_q, targets, reduction="none")
-                if key in ("recon", "zero"):
-                    kl[key] = mt.kl_from_log_probs(log_p, log_q, p_clean, neg_entropy)
+                if key == "zero":
+                    kl_zero = mt.kl_from_log_probs(log_p, log_q, p_clean, neg_entropy)
                 del log_q
-            del clean_logits, log_p, p_clean, neg_entropy
-            ce = {key: float(v.double().mean()) for key, v in token_ce.items()}
-            keep = spliced_pos.to(targets.device)
+            keep_p = p_clean.numel() * p_clean.element_size() <= P_CLEAN_CACHE_BYTES
+            batch.update({"targets": targets, "keep": spliced_pos.to(targets.device), "token_ce": token_ce,
+                          "kl_zero": kl_zero, "p_clean": p_clean if keep_p else None,
+                          "neg_entropy": neg_entropy if keep_p else None})
+            del clean_logits, log_p
+        out.append(batch)
+    if not out:
+        raise ValueError(f"no token of the '{split}' loss batches could be replaced (all padding or BOS)")
+    return out
+
+
+def _spliced(resid: Tensor, replace: Tensor, values: Tensor) -> Tensor:
+    out = resid.clone()
+    out[replace] = values.to(device=resid.device, dtype=resid.dtype)
+    return out
+
+
+@torch.no_grad()
+def loss_recovered_pass(sae, subject: SubjectModelLike, texts: Sequence[str], mean_activation: Tensor,
+                        cfg: EvaluateConfig, split: str, progress: bool = False,
+                        baseline: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """Loss recovered with zero and mean ablation over ``loss_batches`` batches of documents, and
+    from the same forward passes the SAEBench scores: KL(clean ‖ spliced) with the SAE and with
+    zero ablation, ``kl_div_score`` and ``ce_loss_score`` (token averages over the positions whose
+    residual was replaced, so BOS is left out unless ``splice_bos``, as SAEBench skips special
+    tokens). Per batch: the clean run and the three splices after the hook; ``baseline`` (from
+    :func:`loss_baseline` on the same texts and mean) supplies all but the SAE's splice."""
+    device = next(sae.parameters()).device
+    if baseline is None:
+        baseline = loss_baseline(subject, texts, mean_activation, cfg, split)
+    per_batch: dict[str, list[float]] = {key: [] for key in ("clean", "recon", "zero", "mean", "lr_zero", "lr_mean")}
+    sums = {key: 0.0 for key in ("ce_clean", "ce_recon", "ce_zero", "kl_recon", "kl_zero")}
+    scored = 0  # positions entering the SAEBench token averages
+    logits_fn = logits_after_hook_fn(subject)
+    for batch in tqdm(baseline, disable=not progress, desc=f"loss {split}", unit="batch"):
+        tokens, mask, resid, replace = batch["tokens"], batch["mask"], batch["resid"], batch["replace"]
+        x_hat = sae(batch["x"].to(device=device)).x_hat
+        _check_finite("reconstruction", x_hat, split)
+        recon = _spliced(resid, replace, x_hat)
+        if logits_fn is None:
+            ce = {**batch["ce"], "recon": float(subject.loss_after_hook(tokens, mask, recon))}
+        else:
+            targets, keep = batch["targets"], batch["keep"]
+            p_clean, neg_entropy = batch["p_clean"], batch["neg_entropy"]
+            if p_clean is None:  # not kept (large vocabulary): the clean distribution again
+                log_p = torch.log_softmax(logits_fn(tokens, mask, resid), dim=-1)
+                p_clean = log_p.exp()
+                neg_entropy = (p_clean * log_p).sum(-1)
+                del log_p
+            log_q = torch.log_softmax(logits_fn(tokens, mask, recon), dim=-1)
+            token_ce = {**batch["token_ce"], "recon": torch.nn.functional.nll_loss(log_q, targets, reduction="none")}
+            kl_recon = mt.kl_from_clean(p_clean, neg_entropy, log_q)
+            del log_q
+            ce = {key: float(token_ce[key].double().mean()) for key in ("clean", "recon", "zero", "mean")}
             scored += int(keep.sum())
             for key in ("clean", "recon", "zero"):
                 sums[f"ce_{key}"] += float(token_ce[key][keep].double().sum())
-            sums["kl_recon"] += float(kl["recon"][keep].sum())
-            sums["kl_zero"] += float(kl["zero"][keep].sum())
+            sums["kl_recon"] += float(kl_recon[keep].sum())
+            sums["kl_zero"] += float(batch["kl_zero"][keep].sum())
         for key in ("clean", "recon", "zero", "mean"):
             per_batch[key].append(ce[key])
         per_batch["lr_zero"].append(mt.loss_recovered(ce["clean"], ce["recon"], ce["zero"]))
         per_batch["lr_mean"].append(mt.loss_recovered(ce["clean"], ce["recon"], ce["mean"]))
-    if not per_batch["clean"]:
-        raise ValueError(f"no token of the '{split}' loss batches could be replaced (all padding or BOS)")
     lr_zero, lr_zero_std = mt.mean_and_std(per_batch["lr_zero"])
     lr_mean, lr_mean_std = mt.mean_and_std(per_batch["lr_mean"])
     ce_clean, ce_recon, ce_zero, ce_mean = (mt.mean_and_std(per_batch[k])[0] for k in ("clean", "recon", "zero", "mean"))
@@ -424,17 +468,28 @@ def probe_positions(subject: SubjectModelLike, template: str, tokens: Tensor) ->
 
 
 @torch.no_grad()
-def probe_pass(sae, subject: SubjectModelLike, words: Sequence[str], cfg: EvaluateConfig, chunk: int = 256) -> dict[str, Any]:
-    """SAE codes at the probe words; specialisation CDF and activation overlap."""
-    device = next(sae.parameters()).device
-    M, k = sae.cfg.num_latents, sae.cfg.k
-    top_idx, top_valid, spec_idx, spec_valid = [], [], [], []
+def probe_inputs(subject: SubjectModelLike, words: Sequence[str], cfg: EvaluateConfig, chunk: int = 256) -> list[Tensor]:
+    """The hook's residual at each probe word's first sub-token, in chunks of ``chunk`` words
+    (SAE-independent: computed once per evaluate stage)."""
+    inputs = []
     for start in range(0, len(words), chunk):
         texts = [cfg.probe_template.replace("{w}", w) for w in words[start : start + chunk]]
         tokens, mask = subject.encode_texts(texts)
         positions = probe_positions(subject, cfg.probe_template, tokens)
         resid = subject.hook_activations(tokens, mask)
-        x = resid[torch.arange(resid.shape[0], device=resid.device), positions.to(resid.device)]
+        inputs.append(resid[torch.arange(resid.shape[0], device=resid.device), positions.to(resid.device)])
+    return inputs
+
+
+@torch.no_grad()
+def probe_pass(sae, subject: SubjectModelLike, words: Sequence[str], cfg: EvaluateConfig, chunk: int = 256,
+               inputs: list[Tensor] | None = None) -> dict[str, Any]:
+    """SAE codes at the probe words; specialisation CDF and activation overlap. ``inputs``: the
+    words' residuals from :func:`probe_inputs` (computed here when None)."""
+    device = next(sae.parameters()).device
+    M, k = sae.cfg.num_latents, sae.cfg.k
+    top_idx, top_valid, spec_idx, spec_valid = [], [], [], []
+    for x in inputs if inputs is not None else probe_inputs(subject, words, cfg, chunk):
         out = sae(x.to(device=device, dtype=torch.float32))
         values, indices = _sparse_code(out, M)
         idx, valid = _top_features(values, indices, k)
@@ -455,11 +510,16 @@ def probe_pass(sae, subject: SubjectModelLike, words: Sequence[str], cfg: Evalua
 @torch.no_grad()
 def evaluate_sae(sae, subject: SubjectModelLike, heldout_reader: ActivationReaderLike, cross_reader: ActivationReaderLike,
                  texts_by_split: dict[str, Sequence[str]], cfg: EvaluateConfig, train_log: dict | None = None,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, cache: dict | None = None) -> dict[str, Any]:
     """Every metric for one SAE: a flat dict of scalars plus the arrays ``omega``,
     ``expert_usage`` and ``specialisation_cdf`` (lists; empty for dense SAEs) and
     ``feature_density_hist`` / ``feature_density_bin_edges`` (log10 density of the latents that
-    fire on the held-out tokens; the dead ones are ``dead_fraction``)."""
+    fire on the held-out tokens; the dead ones are ``dead_fraction``).
+
+    ``cache``: a dict kept across the SAEs of one stage (same subject model, texts and config):
+    the SAE-independent runs of the subject model (loss-recovered baselines, probe residuals) are
+    computed for the first SAE and reused, with the same results as computing them every time."""
+    cache = {} if cache is None else cache
     sae.eval()
     start = time.perf_counter()
     result: dict[str, Any] = _identity(sae)
@@ -477,7 +537,11 @@ def evaluate_sae(sae, subject: SubjectModelLike, heldout_reader: ActivationReade
         result.update({f"{key}_{split}": p[key] for key in CORE_RECONSTRUCTION_KEYS})
         if split not in texts_by_split:
             raise ValueError(f"no '{split}' texts given for loss recovered (texts_by_split has {sorted(texts_by_split)})")
-        lr = loss_recovered_pass(sae, subject, texts_by_split[split], mean_activation, cfg, split, progress)
+        key = ("loss_baseline", split)
+        if key not in cache or not torch.equal(cache[key][0], mean_activation):
+            cache[key] = (mean_activation, loss_baseline(subject, texts_by_split[split], mean_activation, cfg, split))
+        lr = loss_recovered_pass(sae, subject, texts_by_split[split], mean_activation, cfg, split, progress,
+                                 baseline=cache[key][1])
         for key, value in lr.items():
             result[key if key.endswith("_std") else f"{key}_{split}"] = value
     result["dead_fraction"] = mt.dead_fraction(passes["heldout"]["fire_counts"])
@@ -508,7 +572,9 @@ def evaluate_sae(sae, subject: SubjectModelLike, heldout_reader: ActivationReade
     words = load_probe_words(cfg.probe_words)
     if cfg.max_probe_words is not None:
         words = words[: cfg.max_probe_words]
-    probe = probe_pass(sae, subject, words, cfg)
+    if ("probe", tuple(words)) not in cache:
+        cache[("probe", tuple(words))] = probe_inputs(subject, words, cfg)
+    probe = probe_pass(sae, subject, words, cfg, inputs=cache[("probe", tuple(words))])
     result["activation_overlap"] = probe["activation_overlap"]
     result["specialisation_cdf"] = probe["specialisation_cdf"].tolist()
     result["probe_tokens"] = probe["probe_tokens"]
@@ -538,7 +604,8 @@ def write_json_atomic(path: Path, data: Any) -> Path:
 
 
 def load_shared_inputs(params: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """What every variant's evaluation reads: the subject model, held-out caches and texts.
+    """What every variant's evaluation reads: the subject model, held-out caches and texts, and
+    the cache of SAE-independent subject-model runs (:func:`evaluate_sae`'s ``cache``).
 
     Loaded once per process, so a family's variants are evaluated after one model load.
     """
@@ -552,7 +619,7 @@ def load_shared_inputs(params: dict[str, Any], device: torch.device) -> dict[str
     readers = {split: ActivationReader(activations / split) for split in SPLITS}
     corpus = Path(require(paths, "corpus", "paths"))
     texts = {split: load_split(corpus, split)["text"] for split in SPLITS}
-    return {"subject": subject, "readers": readers, "texts": texts}
+    return {"subject": subject, "readers": readers, "texts": texts, "cache": {}}
 
 
 def eval_path(variant: str, family: str, results_dir: str | Path = RESULTS_DIR) -> Path:
@@ -586,7 +653,8 @@ def run_evaluation(variant: str, params_path: str | Path = "params.yaml", result
         except FileNotFoundError:
             train_log = {}
         readers, texts = shared["readers"], shared["texts"]
-        result = evaluate_sae(sae, shared["subject"], readers["heldout"], readers["cross"], texts, cfg, train_log, progress)
+        result = evaluate_sae(sae, shared["subject"], readers["heldout"], readers["cross"], texts, cfg, train_log, progress,
+                              cache=shared.setdefault("cache", {}))
         for key in ("mse_heldout", "mse_cross"):
             if not math.isfinite(result[key]):
                 raise RuntimeError(f"{key} is {result[key]}: training diverged; retrain this variant")

@@ -178,6 +178,13 @@ def kl_from_log_probs(log_p: Tensor, log_q: Tensor, p: Tensor | None = None, neg
     p = log_p.exp() if p is None else p
     if neg_entropy is None:
         neg_entropy = (p * log_p).sum(-1)
+    return kl_from_clean(p, neg_entropy, log_q)
+
+
+def kl_from_clean(p: Tensor, neg_entropy: Tensor, log_q: Tensor) -> Tensor:
+    """``[positions]``: KL(p ‖ q) = Σ p log p − Σ p log q from the clean distribution ``p``, its
+    ``neg_entropy`` = Σ p log p and the other's log-probabilities, combined in float64."""
+    _same_shape(p, log_q)
     return neg_entropy.double() - (p * log_q).sum(-1).double()
 
 
