@@ -410,9 +410,16 @@ def _dense_reference_losses(sae, x):
     return z, x_hat, losses
 
 
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-step", "dense-step"])
 @pytest.mark.parametrize("architecture", ["relu", "gated", "jumprelu"])
-def test_dense_code_saes_equal_their_reference_formulation(architecture):
+def test_dense_code_saes_equal_their_reference_formulation(architecture, sparse, monkeypatch):
+    """Both training formulations (the CPU sparse step and the dense one GPUs use) give the
+    reference's code, reconstruction, losses and gradients."""
     sae = build_sae(architecture, d_in=16, num_latents=96, k=6, seed=1, sparsity_coefficient=0.3)
+    taken = []
+    real_sparse_forward = type(sae).sparse_forward
+    monkeypatch.setattr(type(sae), "sparse_step", lambda self, x: sparse)
+    monkeypatch.setattr(type(sae), "sparse_forward", lambda self, x: taken.append(1) or real_sparse_forward(self, x))
     x = _skewed_batch()
     sae.init_from_batch(x)
     _perturb(sae, seed=2)
@@ -435,6 +442,7 @@ def test_dense_code_saes_equal_their_reference_formulation(architecture):
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
     if architecture == "jumprelu":
         assert grads["log_threshold"].abs().sum() > 0  # the band was hit: the test compares something
+    assert bool(taken) == sparse  # the formulation under test is the one that ran
 
 
 def test_fused_jumprelu_equals_jumprelu_and_step():

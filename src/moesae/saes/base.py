@@ -130,6 +130,29 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor,
     return out + b_dec
 
 
+@torch.no_grad()
+def flat_support(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The True entries of a ``[B, M]`` mask as a flat code: their row-major flat positions,
+    their columns, and each row's first entry (``offsets [B]``), the form :func:`kept_dot` and
+    :func:`sparse_decode` take for a variable count per token."""
+    B, M = mask.shape
+    positions = mask.reshape(-1).nonzero().squeeze(1)
+    rows = torch.div(positions, M, rounding_mode="floor")
+    counts = torch.bincount(rows, minlength=B)
+    return positions, positions - rows * M, torch.cumsum(counts, 0) - counts
+
+
+def fired_latents(columns: Tensor, num_latents: int) -> Tensor:
+    """Bool ``[M]``: the latents among ``columns`` (the ``fired`` extra of :class:`SAEOutput`)."""
+    return torch.zeros(num_latents, dtype=torch.bool, device=columns.device).index_fill_(0, columns, True)
+
+
+def scatter_code(positions: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A flat code as the dense ``[B, M]`` matrix (no gradient: for logs and metrics)."""
+    z = values.new_zeros(shape[0] * shape[1])
+    return z.index_put_((positions,), values.detach()).view(shape)
+
+
 def take(t: Tensor, index: Tensor) -> Tensor:
     """``t[index]`` (rows of ``t`` along dim 0, shape ``index.shape + t.shape[1:]``), reproducibly.
 

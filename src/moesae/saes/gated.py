@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .base import SAEOutput, reconstruction_mse
 from .registry import register
+from .base import fired_latents, kept_dot, scatter_code, sparse_decode, take
 from .relu import CoefficientSparsityConfig, CoefficientSparsitySAE, float_mask, weighted_code_sum
 
 
@@ -46,6 +47,8 @@ class GatedSAE(CoefficientSparsitySAE):
         self.b_gate.fill_(-float(quantile))
 
     def forward(self, x: Tensor) -> SAEOutput:
+        if self.sparse_step(x):
+            return self.sparse_forward(x)
         # Few [B, M] passes (training speed at the default size): biases inside the matmuls,
         # the gate as a float mask written by the comparison itself, the penalty from column sums.
         projection = self.encoder_projection(x)
@@ -64,3 +67,23 @@ class GatedSAE(CoefficientSparsitySAE):
             self.calibrate(gate_open.sum() / x.shape[0])
         # z ≥ 0: a latent fired on the batch iff its column maximum is > 0 (one pass, no abs)
         return SAEOutput(x_hat=x_hat, losses=losses, latents=z, extras={"fired": z.detach().amax(0) > 0})
+
+    def sparse_forward(self, x: Tensor) -> SAEOutput:
+        """The training step on the open gates only (:meth:`sparse_step`): z, the gate
+        activations of the penalty and of the auxiliary reconstruction are all zero elsewhere."""
+        B, M = x.shape[0], self.cfg.num_latents
+        x_c = x - self.b_dec
+        raw, positions, columns, offsets = self.support(x_c, self.b_gate)
+        projection = kept_dot(x_c, self.W_enc, columns, raw, offsets)
+        gate_acts = torch.relu(projection + take(self.b_gate, columns))
+        z = torch.relu(torch.addcmul(take(self.b_mag, columns), take(self.r_mag.exp(), columns), projection))
+        x_hat = sparse_decode(z, columns, self.W_dec, self.b_dec, offsets)
+        losses = {"mse": reconstruction_mse(x, x_hat)}
+        penalty = (gate_acts * take(self.decoder_norms(), columns)).sum() / B
+        losses["l1"] = self.sparsity_coefficient() * self.input_scale * penalty
+        x_gate = sparse_decode(gate_acts, columns, self.W_dec.detach(), self.b_dec.detach(), offsets)
+        losses["aux_gate"] = reconstruction_mse(x, x_gate)
+        if self.calibrating():
+            self.calibrate(torch.tensor(positions.numel() / B))
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=scatter_code(positions, z, (B, M)),
+                         extras={"fired": fired_latents(columns[z.detach() > 0], M)})

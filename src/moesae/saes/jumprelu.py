@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import SAEOutput, _check, reconstruction_mse
+from .base import SAEOutput, _check, fired_latents, kept_dot, reconstruction_mse, scatter_code, sparse_decode, take
 from .registry import register
 from .relu import CoefficientSparsityConfig, CoefficientSparsitySAE, float_mask
 
@@ -87,7 +87,10 @@ class _JumpReLUWithCount(torch.autograd.Function):
         band = float_mask(torch.lt, ((pre - threshold) / eps).abs_(), 0.5)  # rectangle K((π − θ)/ε)
         # ∂z/∂θ = −(θ/ε) K and ∂H/∂θ = −(1/ε) K: one masked column sum for both
         weighted = grad_z * threshold if grad_count is None else torch.addcmul(grad_count, grad_z, threshold)
-        grad_threshold = (weighted.mul_(band)).sum(0) / -eps
+        grad_threshold = weighted.mul_(band)
+        if threshold.dim() < pre.dim():  # one threshold per column: summed over the batch
+            grad_threshold = grad_threshold.sum(0)
+        grad_threshold = grad_threshold / -eps
         return grad_pre, grad_threshold, None
 
 
@@ -135,6 +138,8 @@ class JumpReLUSAE(CoefficientSparsitySAE):
         return self.log_threshold.exp()
 
     def forward(self, x: Tensor) -> SAEOutput:
+        if self.sparse_step(x):
+            return self.sparse_forward(x)
         cfg: JumpReLUConfig = self.cfg  # type: ignore[assignment]
         pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T)
         theta = self.threshold()
@@ -148,3 +153,23 @@ class JumpReLUSAE(CoefficientSparsitySAE):
             self.calibrate(l0.detach())
         # z ≥ 0: a latent fired on the batch iff its column maximum is > 0 (one pass, no abs)
         return SAEOutput(x_hat=x_hat, losses=losses, latents=z, extras={"fired": z.detach().amax(0) > 0})
+
+    def sparse_forward(self, x: Tensor) -> SAEOutput:
+        """The training step on the entries above θ − ε (:meth:`sparse_step`): those that fire
+        and those in the pseudo-derivatives' band |π − θ| < ε/2; every gradient is zero below."""
+        cfg: JumpReLUConfig = self.cfg  # type: ignore[assignment]
+        B, M = x.shape[0], cfg.num_latents
+        x_c = x - self.b_dec
+        theta = self.threshold()
+        eps = cfg.bandwidth * float(self.input_scale)
+        raw, positions, columns, offsets = self.support(x_c, self.b_enc, theta.detach() - eps)
+        pre = kept_dot(x_c, self.W_enc, columns, raw, offsets) + take(self.b_enc, columns)
+        z, count = jumprelu_with_count(pre, take(theta, columns), eps)  # flat: one threshold per entry
+        x_hat = sparse_decode(z, columns, self.W_dec, self.b_dec, offsets)
+        losses = {"mse": reconstruction_mse(x, x_hat)}
+        l0 = count / B
+        losses["l0"] = self.sparsity_coefficient() * self.input_scale**2 * l0
+        if self.calibrating():
+            self.calibrate(l0.detach())
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=scatter_code(positions, z, (B, M)),
+                         extras={"fired": fired_latents(columns[z.detach() > 0], M)})

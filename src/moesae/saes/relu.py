@@ -36,7 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import SAE, SAEConfig, SAEOutput, _check, geometric_median, reconstruction_mse
+import torch.nn.functional as F
+
+from .base import (SAE, SAEConfig, SAEOutput, _check, fired_latents, flat_support, geometric_median, kept_dot,
+                   reconstruction_mse, scatter_code, sparse_decode, take)
 from .registry import register
 
 
@@ -120,6 +123,26 @@ class CoefficientSparsitySAE(SAE):
         self.log_sparsity_coefficient.add_(cfg.calibration_rate * error)
         self.calibration_step.add_(1)
 
+    # ---- the sparse training step ---------------------------------------------------------
+    def sparse_step(self, x: Tensor) -> bool:
+        """Train with the sparse backward (CPU training steps): the code's support is found from
+        pre-activations computed without autograd, and only the entries on it are recomputed with
+        autograd (:func:`~.base.kept_dot`) and decoded (:func:`~.base.sparse_decode`). Every
+        term of the loss and its pseudo-gradients is zero off that support, so the gradients are
+        the dense formulation's (tested against it), at the cost of one dense matmul per step
+        instead of six. Evaluation, and GPUs (where dense matmuls are cheap), use the dense path."""
+        return self.training and torch.is_grad_enabled() and x.device.type == "cpu"
+
+    @torch.no_grad()
+    def support(self, x_c: Tensor, bias: Tensor, above: Tensor | float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``raw = x_c W_encᵀ`` (no autograd) and the flat code (positions, columns, offsets) of
+        the entries with ``raw + bias > above``; returns ``(raw at those positions, positions,
+        columns, offsets)``. Compared as ``raw > above − bias``: one ``[B, M]`` pass, and for
+        ``above = 0`` the same test as the rounded sum's sign."""
+        raw = F.linear(x_c, self.W_enc)
+        positions, columns, offsets = flat_support(torch.gt(raw, above - bias))
+        return raw.reshape(-1).index_select(0, positions), positions, columns, offsets
+
     # ---- initialisation ------------------------------------------------------------------
     def encoder_projection(self, x: Tensor) -> Tensor:
         return (x - self.b_dec) @ self.W_enc.T
@@ -175,6 +198,8 @@ class ReLUSAE(CoefficientSparsitySAE):
         self.b_enc.fill_(-float(quantile))
 
     def forward(self, x: Tensor) -> SAEOutput:
+        if self.sparse_step(x):
+            return self.sparse_forward(x)
         # Bias inside the matmul (addmm), the penalty from column sums (one [B, M] pass instead of
         # a product and a row sum, and a cheap backward), L0 only while calibrating.
         z = torch.relu(torch.addmm(self.b_enc, x - self.b_dec, self.W_enc.T))
@@ -185,3 +210,18 @@ class ReLUSAE(CoefficientSparsitySAE):
         if self.training and self.calibrating():
             self.calibrate(batch_l0(z))
         return SAEOutput(x_hat=x_hat, losses=losses, latents=z, extras={"fired": column_sums.detach() > 0})
+
+    def sparse_forward(self, x: Tensor) -> SAEOutput:
+        """The training step on the code's support only (:meth:`sparse_step`)."""
+        B, M = x.shape[0], self.cfg.num_latents
+        x_c = x - self.b_dec
+        raw, positions, columns, offsets = self.support(x_c, self.b_enc)
+        values = torch.relu(kept_dot(x_c, self.W_enc, columns, raw, offsets) + take(self.b_enc, columns))
+        x_hat = sparse_decode(values, columns, self.W_dec, self.b_dec, offsets)
+        losses = {"mse": reconstruction_mse(x, x_hat)}
+        penalty = (values * take(self.decoder_norms(), columns)).sum() / B
+        losses["l1"] = self.sparsity_coefficient() * self.input_scale * penalty
+        if self.calibrating():
+            self.calibrate(torch.tensor(positions.numel() / B))
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=scatter_code(positions, values, (B, M)),
+                         extras={"fired": fired_latents(columns, M)})
