@@ -577,3 +577,32 @@ def test_family_benchmark_runs_on_one_small_family(tmp_path, monkeypatch):
     assert result["summary"]["sae_steps"] == 3 * family["variants"]
     with pytest.raises(SystemExit, match="no family"):
         throughput.main(["--device", "cpu", "--families", "nope", "--out", str(out)])
+
+
+@pytest.mark.parametrize("capacity", ["uniform", "zipf"])
+def test_feature_choice_sparse_step_equals_the_dense_one(capacity, monkeypatch):
+    """The CPU training step on the kept entries gives the dense step's code, losses (aux_zipf
+    on under-firing features included), gradients and running statistics."""
+    from moesae.saes.feature_choice import FeatureChoiceSAE
+
+    sae = build_sae("feature_choice", d_in=16, num_latents=96, k=4, seed=1, capacity=capacity, aux_coefficient=1 / 32)
+    x = _skewed_batch()
+    sae.init_from_batch(x)
+    _perturb(sae, seed=2)
+    with torch.no_grad():  # some features under-fire: aux_zipf has candidates
+        sae.firing_density[::3] = 0.0
+    dense = copy.deepcopy(sae)
+    monkeypatch.setattr(FeatureChoiceSAE, "sparse_step", lambda self, x: self is sae)
+    out, grads = _forward_and_grads(sae, x)
+    ref, ref_grads = _forward_and_grads(dense, x)
+    assert out.losses["aux_zipf"] > 0
+    torch.testing.assert_close(out.latents, ref.latents.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.x_hat, ref.x_hat, rtol=1e-5, atol=1e-5)
+    for name, value in ref.losses.items():
+        torch.testing.assert_close(out.losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+    for name in ("thresholds", "firing_density"):
+        torch.testing.assert_close(getattr(sae, name), getattr(dense, name), msg=name)
+    assert torch.equal(out.extras["fired"], ref.extras["fired"])

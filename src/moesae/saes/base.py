@@ -292,6 +292,16 @@ class SAE(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def sparse_step(self, x: Tensor) -> bool:
+        """Whether this forward is a CPU training step, where SAEs with a dense code (ReLU,
+        Gated, JumpReLU, Feature Choice) train on the code's support only: the support is found
+        from pre-activations computed without autograd, and only its entries are recomputed with
+        autograd (:func:`kept_dot`) and decoded (:func:`sparse_decode`). Every loss term and
+        pseudo-gradient is zero off the support, so the gradients are the dense formulation's
+        (tested against it) for one dense matmul per step instead of six. Evaluation, and GPUs
+        (where dense matmuls are cheap), use the dense formulation."""
+        return self.training and torch.is_grad_enabled() and x.device.type == "cpu"
+
     # ---- what the trainer calls ----------------------------------------------------------
     @torch.no_grad()
     def init_from_batch(self, x: Tensor) -> None:

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import SAEOutput, _check, geometric_median, reconstruction_mse
+from .base import (SAEOutput, _check, fired_latents, flat_support, geometric_median, kept_dot, reconstruction_mse,
+                   scatter_code, sparse_decode, take)
 from .registry import register
 from .topk import TopKConfig, TopKSAE
 
@@ -149,6 +150,8 @@ class FeatureChoiceSAE(TopKSAE):
 
     def forward(self, x: Tensor) -> SAEOutput:
         cfg: FeatureChoiceConfig = self.cfg  # type: ignore[assignment]
+        if self.sparse_step(x):
+            return self.sparse_forward(x)
         pre = self.pre_activations(x)
         if self.training:
             keep, batch_threshold = feature_choice_mask(pre.detach(), self.capacities(x.shape[0]), as_float=True)
@@ -165,3 +168,29 @@ class FeatureChoiceSAE(TopKSAE):
             losses["aux_zipf"] = self.aux_loss(x, x_hat, pre, self.under_firing())
         # z ≥ 0: a latent fired on the batch iff its column maximum is > 0 (one pass, no abs)
         return SAEOutput(x_hat=x_hat, losses=losses, latents=z, extras={"fired": z.detach().amax(0) > 0})
+
+    def sparse_forward(self, x: Tensor) -> SAEOutput:
+        """The CPU training step on the kept entries only, as TopK's: the selection runs on
+        pre-activations computed without autograd, the k·B kept entries (flat, a variable count
+        per token) are recomputed with autograd (:func:`~.base.kept_dot`) and decoded
+        (:func:`~.base.sparse_decode`), and aux_zipf reads its candidates' values the same way.
+        Same gradients as the dense formulation (tested); GPUs use the dense one."""
+        cfg: FeatureChoiceConfig = self.cfg  # type: ignore[assignment]
+        B, M = x.shape[0], cfg.num_latents
+        x_c = x - self.b_dec
+        raw, pre = self.selection_preactivations(x_c)
+        with torch.no_grad():
+            keep, batch_threshold = feature_choice_mask(pre, self.capacities(B))
+            self.thresholds.mul_(cfg.threshold_decay).add_((1 - cfg.threshold_decay) * batch_threshold)
+            positions, columns, offsets = flat_support(keep)
+            fired = torch.bincount(columns, minlength=M).to(self.firing_density.dtype) / B  # = keep.mean(0)
+            self.firing_density.mul_(cfg.density_decay).add_((1 - cfg.density_decay) * fired)
+        dots = kept_dot(x_c, self.W_enc, columns, raw.reshape(-1).index_select(0, positions), offsets)
+        values = torch.relu(dots + take(self.b_enc, columns))
+        x_hat = sparse_decode(values, columns, self.W_dec, self.b_dec, offsets)
+        losses = {"mse": reconstruction_mse(x, x_hat)}
+        if cfg.aux_coefficient > 0:
+            losses["aux_zipf"] = self.aux_loss(x, x_hat, pre, self.under_firing(),
+                                               values_of=lambda ids: self.kept_values(x_c, ids, raw))
+        return SAEOutput(x_hat=x_hat, losses=losses, latents=scatter_code(positions, values, (B, M)),
+                         extras={"fired": fired_latents(columns[values.detach() > 0], M)})

@@ -124,15 +124,6 @@ class CoefficientSparsitySAE(SAE):
         self.calibration_step.add_(1)
 
     # ---- the sparse training step ---------------------------------------------------------
-    def sparse_step(self, x: Tensor) -> bool:
-        """Train with the sparse backward (CPU training steps): the code's support is found from
-        pre-activations computed without autograd, and only the entries on it are recomputed with
-        autograd (:func:`~.base.kept_dot`) and decoded (:func:`~.base.sparse_decode`). Every
-        term of the loss and its pseudo-gradients is zero off that support, so the gradients are
-        the dense formulation's (tested against it), at the cost of one dense matmul per step
-        instead of six. Evaluation, and GPUs (where dense matmuls are cheap), use the dense path."""
-        return self.training and torch.is_grad_enabled() and x.device.type == "cpu"
-
     @torch.no_grad()
     def support(self, x_c: Tensor, bias: Tensor, above: Tensor | float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``raw = x_c W_encᵀ`` (no autograd) and the flat code (positions, columns, offsets) of
