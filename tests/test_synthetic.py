@@ -29,7 +29,7 @@ def section(**over) -> dict:
     base = {
         "data": dict(DATA), "num_latents": 16, "l0": [2], "seeds": [0, 1], "steps": 15, "batch_size": 64,
         "lr": 0.01, "dead_tokens_threshold": 50_000, "eval_tokens": 512, "recovery_threshold": 0.9,
-        "redundancy_thresholds": [0.7, 0.8, 0.9], "matching": "auto", "device": "cpu",
+        "redundancy_thresholds": [0.7, 0.8, 0.9], "matching": "auto", "device": "cpu", "workers": 1, "threads": 1,
         "families": {"topk": {"architecture": "topk"},
                      "scale_n4_e2": {"architecture": "scale", "num_experts": 4, "active_experts": 2}},
     }
@@ -190,6 +190,19 @@ def test_stage_writes_outputs_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "code_fingerprint", lambda: "f" * 16)
     with pytest.raises(AssertionError, match="must not be retrained"):
         syn.main(["--params", str(params), "--no-progress"])
+
+
+def test_worker_processes_change_no_result(tmp_path, monkeypatch):
+    """``workers`` splits a seed's SAEs among processes: the same rows as one process."""
+    monkeypatch.chdir(tmp_path)
+    frames = []
+    for workers in (1, 2):
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        params = _tiny_params(folder, workers=workers)
+        assert syn.main(["--params", str(params), "--no-progress"]) == 0
+        frames.append(pd.read_csv(folder / "out" / syn.METRICS_FILE).drop(columns=["train_seconds"], errors="ignore"))
+    pd.testing.assert_frame_equal(frames[0], frames[1])
 
 
 def test_cli_maps_synthetic_to_the_package_main():

@@ -90,6 +90,10 @@ class SyntheticConfig:
     """auto | hungarian | greedy (see :func:`moesae.synthetic.recovery.match_features`)."""
     device: str
     """auto | cpu | cuda | cuda:<index> | mps (see :mod:`moesae.devices`)."""
+    workers: int
+    """CPU training processes per seed (the SAEs are split among them; results do not depend on it)."""
+    threads: int
+    """torch threads per training process (enters each cell's key: it can change the last bits)."""
     output_dir: str = str(OUTPUT_DIR)
 
     def __post_init__(self) -> None:
@@ -105,7 +109,7 @@ class SyntheticConfig:
             bad("l0", f"must be a non-empty list of positive integers, got {self.l0!r}")
         if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
             bad("seeds", f"must be a non-empty list of non-negative integers, got {self.seeds!r}")
-        for name in ("steps", "batch_size", "eval_tokens", "dead_tokens_threshold", "num_latents"):
+        for name in ("steps", "batch_size", "eval_tokens", "dead_tokens_threshold", "num_latents", "workers", "threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 bad(name, f"must be a positive integer, got {value!r}")
@@ -188,7 +192,7 @@ def cell_key(cfg: SyntheticConfig, variant: dict[str, Any], seed: int, device: t
             "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "dead": cfg.dead_tokens_threshold,
             "eval_tokens": cfg.eval_tokens, "recovery": cfg.recovery_threshold,
             "redundancy": list(cfg.redundancy_thresholds), "matching": cfg.matching,
-            "device": torch.device(device).type}
+            "device": torch.device(device).type, "threads": cfg.threads}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -284,7 +288,7 @@ def run_benchmark(cfg: SyntheticConfig, progress: bool = True) -> tuple[Any, dic
         if runs:
             print(f"[synthetic] seed {seed}: training {len(runs)} SAEs for {cfg.steps} steps "
                   f"(d={data_cfg.d_in}, n={data_cfg.num_features} true features, mean L0 {data_cfg.mean_l0})")
-            train_saes(runs, data.batch_fn(cfg.batch_size), progress=progress)
+            train_saes(runs, data.batch_fn(cfg.batch_size), progress=progress, workers=cfg.workers, threads=cfg.threads)
         for run, (variant, path, key) in zip(runs, todo):
             metrics = evaluate_sae(run.sae, x_eval, codes_eval, data.dictionary, cfg.recovery_threshold,
                                    cfg.redundancy_thresholds, cfg.matching)
