@@ -68,6 +68,30 @@ def test_calibration_moves_the_coefficient_towards_the_target_l0():
     assert math.isclose(short.sparsity_coefficient().item(), 1.0, rel_tol=1e-6)  # frozen at its start
 
 
+def test_jumprelu_calibration_also_shifts_every_threshold():
+    """While λ is calibrated, each log θ_j takes the controller's step too; with a fixed λ, after
+    calibration or at inference the thresholds are left to the optimiser."""
+    x = torch.tensor([[2.0, 0.5], [1.0, 1.0]])
+    theta = torch.log(torch.tensor([0.5, 0.5, 0.5]))
+    sae = build_sae("jumprelu", d_in=2, num_latents=3, k=1, calibration_rate=0.1)
+    _set(sae, W_enc=W3, W_dec=W3, b_enc=[0, 0, 0], b_dec=[0, 0], log_threshold=theta)
+    with torch.no_grad():
+        l0 = float((sae.encoder_projection(x) > 0.5).sum(1).float().mean())
+    sae(x)
+    step = 0.01 * math.log((l0 + 1) / 2)  # the default threshold_calibration_rate
+    assert step > 0  # more features fire than k: the thresholds rise
+    torch.testing.assert_close(sae.log_threshold.detach(), theta + step)
+    for untouched in (build_sae("jumprelu", d_in=2, num_latents=3, k=1, threshold_calibration_rate=0.0),
+                      build_sae("jumprelu", d_in=2, num_latents=3, k=1, sparsity_coefficient=0.3)):
+        _set(untouched, W_enc=W3, W_dec=W3, b_enc=[0, 0, 0], b_dec=[0, 0], log_threshold=theta)
+        untouched(x)
+        torch.testing.assert_close(untouched.log_threshold.detach(), theta)
+    sae.eval()
+    before = sae.log_threshold.detach().clone()
+    sae(x)
+    torch.testing.assert_close(sae.log_threshold.detach(), before)
+
+
 def test_data_dependent_init_gives_target_l0_on_first_batch():
     torch.manual_seed(0)
     x = torch.randn(256, 8) * 3 + 1

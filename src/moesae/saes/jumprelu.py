@@ -16,6 +16,15 @@ rectangle kernel K of bandwidth ε = bandwidth · s:
 and π gets the ordinary gradient where the feature fires (none from the L0 term).
 Thresholds start at the value that gives L0 ≈ k on the first batch (the paper starts at 0.001 on
 normalised inputs; with our short runs a threshold that must climb from ~0 never arrives).
+
+**Calibration moves the thresholds too.** The pre-activations get no gradient where a feature
+does not fire, so a feature whose pre-activations fall below θ early (the tied initialisation
+overshoots the reconstruction, and the first steps shrink the encoder) stays silent, and the
+pseudo-derivatives move log θ by only about the learning rate per step (a factor ~2 over a
+1,200-step run). With only λ calibrated, λ fell to ~1e-25 and L0 still collapsed, to 2.6 at
+k = 8 and 3.8 at k = 32 in the default run. So while λ is calibrated, every log θ_j also takes the
+controller's step, log θ_j ← log θ_j + threshold_calibration_rate · log((L0_batch + 1) / (k + 1))
+(a common shift: the thresholds' differences are still learned); both are frozen afterwards.
 """
 from __future__ import annotations
 
@@ -115,10 +124,15 @@ class JumpReLUConfig(CoefficientSparsityConfig):
     """Starting λ for the calibration (the L0 penalty needs a much smaller λ than L1)."""
     bandwidth: float = 0.05
     """Kernel width ε of the straight-through estimator, in units of the input scale s."""
+    threshold_calibration_rate: float = 0.01
+    """While λ is calibrated, every log θ_j also moves by this × log((L0_batch + 1) / (k + 1)) per
+    step (0: only λ is calibrated); see the module docstring."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.bandwidth > 0, "bandwidth", f"must be positive, got {self.bandwidth!r}")
+        _check(self.threshold_calibration_rate >= 0, "threshold_calibration_rate",
+               f"must be non-negative, got {self.threshold_calibration_rate!r}")
 
 
 @register("jumprelu")
@@ -136,6 +150,15 @@ class JumpReLUSAE(CoefficientSparsitySAE):
 
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
+
+    @torch.no_grad()
+    def calibrate(self, batch_l0: Tensor) -> None:
+        """λ's controller step, and the same correction applied to every threshold (module docstring)."""
+        cfg: JumpReLUConfig = self.cfg  # type: ignore[assignment]
+        if self.training and self.calibrating() and cfg.threshold_calibration_rate > 0:
+            error = torch.log((batch_l0.float() + 1) / (cfg.k + 1))
+            self.log_threshold.add_(cfg.threshold_calibration_rate * error.to(self.log_threshold.dtype))
+        super().calibrate(batch_l0)
 
     def forward(self, x: Tensor) -> SAEOutput:
         if self.sparse_step(x):
