@@ -500,9 +500,33 @@ def test_batch_topk_falls_back_when_the_sample_misleads():
     from moesae.saes.batchtopk import batch_topk
 
     scores = torch.zeros(64, 1024)
-    scores.view(-1)[1::16] = torch.arange(1, 4097, dtype=torch.float32)  # the sample sees only zeros
+    scores.view(-1)[1::17] = torch.arange(1, 3856, dtype=torch.float32)  # the sample sees only zeros
     positions, values = batch_topk(scores, 1024)
-    assert torch.equal(values.sort().values, torch.arange(3073, 4097, dtype=torch.float32))
+    assert torch.equal(values.sort().values, torch.arange(2832, 3856, dtype=torch.float32))
+    assert torch.equal(scores.view(-1)[positions], values)
+    # fewer positive entries than the budget: the zeros fill it (the full topk)
+    positions, values = batch_topk(scores, 4000)
+    assert int((values > 0).sum()) == 3855 and positions.unique().numel() == 4000
+
+
+def test_batch_topk_sample_sees_every_column():
+    """Features that fire often but sit in the columns a power-of-two stride skips: the sampled
+    cut still finds enough candidates (the odd stride walks through all columns)."""
+    from moesae.saes import batchtopk
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.relu(torch.randn(1024, 2048, generator=g) - 2.0)
+    scores[:, 1::16] += 3.0  # the strong features: none in columns 0, 16, 32, ...
+    calls = []
+    real = torch.Tensor.topk
+    full = scores.numel()
+    with torch.no_grad():
+        import unittest.mock as mock
+        with mock.patch.object(torch.Tensor, "topk", lambda self, *a, **k: calls.append(self.numel()) or real(self, *a, **k)):
+            positions, values = batchtopk.batch_topk(scores, 32 * 1024)
+    assert full not in calls  # no topk over every entry
+    assert calls[-1] < int((scores > 0).sum())  # the sampled cut, not the positive entries, gave the candidates
+    torch.testing.assert_close(values.sort(descending=True).values, scores.flatten().topk(32 * 1024).values, rtol=0, atol=0)
 
 
 def test_padded_rows_use_distinct_unkept_columns():

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import SAEOutput, reconstruction_mse
+from .base import SAEOutput, fired_latents, kept_dot, reconstruction_mse, scatter_code, sparse_decode, take
 from .registry import register
-from .base import fired_latents, kept_dot, scatter_code, sparse_decode, take
 from .relu import CoefficientSparsityConfig, CoefficientSparsitySAE, float_mask, weighted_code_sum
 
 

@@ -34,9 +34,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .base import (SAE, SAEConfig, SAEOutput, _check, fired_latents, flat_support, geometric_median, kept_dot,
                    reconstruction_mse, scatter_code, sparse_decode, take)
