@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import SAEOutput, _check, geometric_median, kept_dot, reconstruction_mse, sparse_decode, take
+from .base import SAEOutput, _check, geometric_median, reconstruction_mse, sparse_decode
 from .registry import register
 from .topk import TopKConfig, TopKSAE
 
@@ -47,11 +47,12 @@ def batch_topk(scores: Tensor, budget: int) -> tuple[Tensor, Tensor]:
         sample = flat[::stride]
         rank = min(sample.numel(), 2 * -(-budget // stride) + 64)
         cut = sample.topk(rank, sorted=False).values.min()
-        for above in ((flat >= cut) if cut > 0 else None, flat > 0):
-            candidates = above.nonzero().squeeze(1) if above is not None else flat[:0].long()
-            if candidates.numel() >= budget:
-                values, j = flat.index_select(0, candidates).topk(budget, sorted=False)
-                return candidates.index_select(0, j), values
+        candidates = (flat >= cut).nonzero().squeeze(1) if cut > 0 else None
+        if candidates is None or candidates.numel() < budget:
+            candidates = (flat > 0).nonzero().squeeze(1)
+        if candidates.numel() >= budget:
+            values, j = flat.index_select(0, candidates).topk(budget, sorted=False)
+            return candidates.index_select(0, j), values
     values, positions = flat.topk(budget, sorted=False)
     return positions, values
 
@@ -196,8 +197,7 @@ class BatchTopKSAE(TopKSAE):
             positions, values = batch_topk(pre, cfg.k * x.shape[0])
             update_threshold(self.threshold, values, cfg.threshold_decay)
             code = flat_code(positions, tuple(pre.shape))
-        dots = kept_dot(x_c, self.W_enc, code.columns, raw.reshape(-1).index_select(0, code.positions), code.offsets)
-        kept_values = torch.relu(dots + take(self.b_enc, code.columns))
+        kept_values = self.flat_kept_values(x_c, raw, code.positions, code.columns, code.offsets)
         x_hat = sparse_decode(kept_values, code.columns, self.W_dec, self.b_dec, code.offsets)
         losses = {"mse": reconstruction_mse(x, x_hat)}
         if cfg.aux_coefficient > 0:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import (SAEOutput, _check, fired_latents, flat_support, geometric_median, kept_dot, reconstruction_mse,
-                   scatter_code, sparse_decode, take)
+from .base import (SAEOutput, _check, fired_latents, flat_support, geometric_median, reconstruction_mse, scatter_code,
+                   sparse_decode)
 from .registry import register
 from .topk import TopKConfig, TopKSAE
 
@@ -185,8 +185,7 @@ class FeatureChoiceSAE(TopKSAE):
             positions, columns, offsets = flat_support(keep)
             fired = torch.bincount(columns, minlength=M).to(self.firing_density.dtype) / B  # = keep.mean(0)
             self.firing_density.mul_(cfg.density_decay).add_((1 - cfg.density_decay) * fired)
-        dots = kept_dot(x_c, self.W_enc, columns, raw.reshape(-1).index_select(0, positions), offsets)
-        values = torch.relu(dots + take(self.b_enc, columns))
+        values = self.flat_kept_values(x_c, raw, positions, columns, offsets)
         x_hat = sparse_decode(values, columns, self.W_dec, self.b_dec, offsets)
         losses = {"mse": reconstruction_mse(x, x_hat)}
         if cfg.aux_coefficient > 0:

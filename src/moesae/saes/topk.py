@@ -125,6 +125,12 @@ class TopKSAE(SAE):
         dots = kept_dot(x_c, self.W_enc, indices, None if raw is None else raw.gather(1, indices))
         return torch.relu(dots + take(self.b_enc, indices))
 
+    def flat_kept_values(self, x_c: Tensor, raw: Tensor, positions: Tensor, columns: Tensor, offsets: Tensor) -> Tensor:
+        """:meth:`kept_values` for a flat code (a variable count per token, see :func:`~.base.flat_support`):
+        the entries at the flat ``positions`` of ``raw`` ``[B, M]``, i.e. ``columns`` from ``offsets``."""
+        dots = kept_dot(x_c, self.W_enc, columns, raw.reshape(-1).index_select(0, positions), offsets)
+        return torch.relu(dots + take(self.b_enc, columns))
+
     def aux_loss(
         self, x: Tensor, x_hat: Tensor, pre: Tensor, latents: Tensor, values_of: Callable[[Tensor], Tensor] | None = None
     ) -> Tensor:
